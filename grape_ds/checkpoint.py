@@ -1,0 +1,108 @@
+"""Checkpoints: DeepSpeed engine state plus everything the loop needs, written atomically enough.
+
+``engine.save_checkpoint`` writes the model, the ZeRO optimizer partitions, the LR scheduler and our
+``client_state`` (sampler, controller and loop state). A checkpoint is *complete* only once every rank
+has finished writing it and rank 0 has put a ``COMPLETE`` marker in its folder; resume considers only
+complete ones, newest first, and falls back to the previous one (with a warning) when loading fails
+on any rank. The last ``keep_last`` complete checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from grape_ds.distributed import all_reduce_sum, barrier, get_rank
+
+__all__ = ["Checkpointer", "complete_checkpoints", "MARKER"]
+
+log = logging.getLogger(__name__)
+
+MARKER = "COMPLETE"
+_PREFIX = "step"
+
+
+def _tag(step: int) -> str:
+    return f"{_PREFIX}{step:08d}"
+
+
+def complete_checkpoints(ckpt_dir: Path) -> list[tuple[int, str]]:
+    """``(step, tag)`` of every complete checkpoint, oldest first."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    found = []
+    for sub in ckpt_dir.iterdir():
+        if sub.is_dir() and sub.name.startswith(_PREFIX) and (sub / MARKER).is_file():
+            try:
+                found.append((int(sub.name[len(_PREFIX):]), sub.name))
+            except ValueError:
+                continue
+    return sorted(found)
+
+
+class Checkpointer:
+    """Saves every ``every`` steps (and on demand), resumes from the newest loadable checkpoint."""
+
+    def __init__(self, ckpt_dir: Path, every: int, keep_last: int) -> None:
+        self.dir = Path(ckpt_dir)
+        self.every, self.keep_last = every, keep_last
+        self.last_saved: int | None = None
+
+    def due(self, step: int) -> bool:
+        return self.every > 0 and step % self.every == 0
+
+    def save(self, engine, step: int, client_state: dict) -> Path:
+        """Collective: every rank must call it at the same step."""
+        tag = _tag(step)
+        path = self.dir / tag
+        if get_rank() == 0 and path.exists():  # an incomplete leftover of a crashed attempt
+            shutil.rmtree(path)
+        barrier()
+        engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=True)
+        barrier()  # every rank's shard is on disk before the marker says so
+        if get_rank() == 0:
+            (path / MARKER).write_text(json.dumps({"step": step, "time": time.time()}) + "\n")
+            self._prune()
+        barrier()
+        self.last_saved = step
+        return path
+
+    def _prune(self) -> None:
+        done = complete_checkpoints(self.dir)
+        for _, tag in done[: max(0, len(done) - self.keep_last)]:
+            shutil.rmtree(self.dir / tag, ignore_errors=True)
+
+    def load_latest(self, engine) -> dict | None:
+        """Load the newest complete checkpoint every rank can read; its client state, or None.
+
+        Collective. A checkpoint that fails to load on any rank is reported and the previous one is
+        tried, so all ranks always end on the same checkpoint.
+        """
+        candidates = complete_checkpoints(self.dir)
+        for step, tag in reversed(candidates):
+            ok, client_state, error = 1.0, None, ""
+            try:
+                path, client_state = engine.load_checkpoint(str(self.dir), tag=tag,
+                                                            load_optimizer_states=True,
+                                                            load_lr_scheduler_states=True)
+                if path is None:
+                    ok, error = 0.0, "DeepSpeed found no loadable files"
+            except Exception as exc:  # corrupt or truncated files: fall back to the previous one
+                ok, error = 0.0, f"{type(exc).__name__}: {exc}"
+            flag = all_reduce_sum(torch.tensor([1.0 - ok]))
+            if flag.item() == 0:
+                self.last_saved = step
+                log.info("resumed from checkpoint %s", self.dir / tag)
+                return client_state
+            log.warning("checkpoint %s failed to load (%s); trying the previous one", self.dir / tag,
+                        error or "another rank failed")
+        if candidates:
+            raise RuntimeError(f"no checkpoint under {self.dir} could be loaded; "
+                               "start over with --no-resume or remove the folder")
+        return None

@@ -1,0 +1,307 @@
+"""The training run: the one module that wires the components together.
+
+Launch with the DeepSpeed launcher (one process per rank)::
+
+    DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 deepspeed --num_gpus 2 --module grape_ds.train \\
+        --config yaml_configs/demo.yaml [--set a.b=c ...] [--no-resume] [--stop-at STEP]
+
+Each optimizer step: every micro-batch is drawn by this rank's sampler, run forward/backward through
+the engine and followed by ``engine.step()``; then, in order, the reweighting round (when due), logging,
+evaluation and checkpointing, each deciding for itself whether this step is its turn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from grape_ds.checkpoint import Checkpointer
+from grape_ds.config import Config, ConfigError, config_to_dict, load_config
+from grape_ds.controller import MixtureController
+from grape_ds.data import MixtureSampler, PackedData, prepare_data
+from grape_ds.distributed import (all_reduce_sum, barrier, broadcast_object, get_local_rank, get_rank,
+                                  get_world_size, setup_logging)
+from grape_ds.evaluation import Evaluator
+from grape_ds.model import build_model
+from grape_ds.monitor import build_monitor, truncate_jsonl
+
+__all__ = ["Run", "build_run", "train", "main", "parse_args"]
+
+log = logging.getLogger("grape_ds.train")
+
+
+@dataclass
+class LoopState:
+    """What the loop itself must carry across a resume."""
+    step: int = 0          # completed optimizer steps
+    tokens: int = 0        # training tokens consumed, all ranks
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens": self.tokens}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+
+
+@dataclass
+class Run:
+    cfg: Config
+    data: PackedData
+    engine: object
+    sampler: MixtureSampler
+    controller: MixtureController
+    checkpointer: Checkpointer
+    evaluator: Evaluator
+    monitor: object
+    state: LoopState
+    rank: int
+    world_size: int
+
+
+# ----------------------------------------------------------------------------------------------
+# Setup
+# ----------------------------------------------------------------------------------------------
+
+def _write_run_files(cfg: Config) -> None:
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    (run_dir / "ds_config.json").write_text(json.dumps(cfg.ds_config, indent=2) + "\n")
+
+
+def _set_aside(run_dir: Path) -> None:
+    """Starting over: keep the previous attempt (renamed), never delete it."""
+    if run_dir.exists() and any(run_dir.iterdir()):
+        aside = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir.rename(aside)
+        log.warning("--no-resume: the previous contents of %s were moved to %s", run_dir, aside)
+
+
+def build_run(cfg: Config, resume: bool = True) -> Run:
+    """Data, model, engine, sampler, controller, monitor: everything a run needs, in that order."""
+    from grape_ds import engine as ds_engine  # deepspeed import stays out of config-only commands
+
+    ds_engine.init_distributed(cfg.deepspeed.timeout_minutes)
+    rank, world_size = get_rank(), get_world_size()
+    if rank == 0:
+        if not resume:
+            _set_aside(cfg.run_dir)
+        _write_run_files(cfg)
+    barrier()
+
+    data = prepare_data(cfg.data, local_rank=get_local_rank())
+    model = build_model(cfg.model, data.vocab_size, data.eot_id, seed=cfg.train.seed)
+    engine = ds_engine.build_engine(model, cfg)
+
+    mix = cfg.mixture
+    controller = MixtureController(mix.method, data.domains, data.tasks, mix.weights, mix.task_weights)
+    sampler = MixtureSampler([data.num_windows(d, "train") for d in data.domains], controller.alpha,
+                             seed=cfg.train.seed, rank=rank, world_size=world_size,
+                             micro_batch_size=cfg.train.micro_batch_size, mode=mix.batch,
+                             floor=mix.floor, data_hash=data.content_hash)
+    checkpointer = Checkpointer(cfg.run_dir / "checkpoints", cfg.checkpoint.every, cfg.checkpoint.keep_last)
+    state = LoopState()
+    if resume and cfg.checkpoint.resume:
+        client_state = checkpointer.load_latest(engine)
+        if client_state is not None:
+            state.load_state_dict(client_state["loop"])
+            controller.load_state_dict(client_state["controller"])
+            sampler.load_state_dict(client_state["sampler"])
+            if rank != 0:  # rank 0 carries the all-ranks realised counts since the last log
+                sampler.counts[:] = 0
+            if state.step != engine.global_steps:
+                raise RuntimeError(f"checkpoint step {state.step} != engine step {engine.global_steps}")
+    evaluator = Evaluator(data, cfg.eval.every, cfg.eval.batch_size, cfg.eval.max_windows, rank,
+                          world_size, cfg.run_dir)
+    if rank == 0:
+        truncate_jsonl(evaluator.path, state.step)
+    if cfg.logging.trace_batches:
+        truncate_jsonl(_trace_path(cfg, rank), state.step)
+    monitor = build_monitor(rank, cfg.run_dir, data.domains, data.tasks, cfg.train.max_steps,
+                            start_step=state.step, progress=cfg.logging.progress)
+    return Run(cfg, data, engine, sampler, controller, checkpointer, evaluator, monitor, state, rank,
+               world_size)
+
+
+def _trace_path(cfg: Config, rank: int) -> Path:
+    return cfg.run_dir / "trace" / f"rank{rank}.jsonl"
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop and its named steps
+# ----------------------------------------------------------------------------------------------
+
+def _batch(data: PackedData, draw) -> torch.Tensor:
+    rows = [data.windows(data.domains[d], "train")[w] for d, w in zip(draw.domains, draw.windows)]
+    return torch.from_numpy(np.stack(rows).astype(np.int64))  # [micro_batch, seq_len]
+
+
+def rounds_due(cfg: Config, step: int) -> bool:
+    every = cfg.mixture.every
+    return every > 0 and step % every == 0
+
+
+def run_mixture_round(run: Run, step: int) -> None:
+    """The reweighting round, at an accumulation boundary: the controller updates alpha and z on rank 0,
+    then every rank's sampler takes the broadcast weights at its next draw."""
+    changed = run.controller.round(step) if run.rank == 0 else False
+    alpha, z, changed = broadcast_object((run.controller.alpha, run.controller.z, changed))
+    run.controller.alpha, run.controller.z = alpha, z
+    if changed:
+        run.sampler.set_weights(alpha)
+
+
+def _client_state(run: Run) -> dict:
+    # Realised counts since the last log, summed over ranks so rank 0's checkpoint carries them all.
+    counts = all_reduce_sum(torch.from_numpy(run.sampler.counts.astype(np.float64)))
+    sampler_state = run.sampler.state_dict()
+    sampler_state["counts"] = counts.long().tolist()
+    return {"loop": run.state.state_dict(), "sampler": sampler_state,
+            "controller": run.controller.state_dict()}
+
+
+def save_checkpoint(run: Run) -> None:
+    run.checkpointer.save(run.engine, run.state.step, _client_state(run))
+    write_mixture_json(run)
+
+
+def write_mixture_json(run: Run) -> None:
+    if run.rank == 0:
+        path = run.cfg.run_dir / "mixture.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(run.controller.summary(), indent=2) + "\n")
+        os.replace(tmp, path)
+
+
+def log_step(run: Run, step: int, loss: float, lr: float, tokens_per_sec: float) -> None:
+    counts = all_reduce_sum(torch.from_numpy(run.sampler.counts.astype(np.float64)))  # [K]
+    run.sampler.counts[:] = 0
+    realised = (counts / counts.sum()).tolist() if counts.sum() > 0 else counts.tolist()
+    m, names = run.monitor, run.data.domains
+    m.scalars(step, {"train/loss": loss, "train/lr": lr, "train/tokens_per_sec": tokens_per_sec})
+    m.vector(step, "mixture/domain", names, run.sampler.probs)
+    m.vector(step, "mixture/realised", names, realised)
+    m.vector(step, "mixture/task", run.data.tasks, run.controller.z)
+    m.vector(step, "mixture_avg/domain", names, run.controller.alpha_avg)
+    m.vector(step, "mixture_avg/task", run.data.tasks, run.controller.z_avg)
+
+
+def train(run: Run, stop_at: int | None = None) -> dict:
+    """Train to ``train.max_steps`` (or to ``stop_at``, saving a checkpoint there)."""
+    cfg, engine, st = run.cfg, run.engine, run.state
+    gas = cfg.train.gradient_accumulation_steps
+    tokens_per_step = cfg.train.micro_batch_size * gas * run.world_size * cfg.data.seq_len
+    last = stop_at if stop_at is not None else cfg.train.max_steps
+    trace = None
+    if cfg.logging.trace_batches:
+        _trace_path(cfg, run.rank).parent.mkdir(parents=True, exist_ok=True)
+        trace = _trace_path(cfg, run.rank).open("a")
+    engine.train()
+    window_start, window_tokens = time.perf_counter(), 0
+    while st.step < min(last, cfg.train.max_steps):
+        lr = engine.get_lr()[0]
+        loss_sum = torch.zeros(2, dtype=torch.float64)  # [loss sum over micro-batches, micro-batches]
+        for micro in range(gas):
+            draw = run.sampler.draw(st.step, micro)
+            if trace is not None:
+                trace.write(json.dumps({"step": st.step, "micro": micro, "domains": draw.domains.tolist(),
+                                        "windows": draw.windows.tolist()}) + "\n")
+            x = _batch(run.data, draw).to(engine.device)
+            loss = engine(input_ids=x, labels=x).loss
+            engine.backward(loss)
+            engine.step()
+            loss_sum += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
+        st.step += 1
+        st.tokens += tokens_per_step
+        window_tokens += tokens_per_step
+        loss_mean = all_reduce_sum(loss_sum)
+        step_loss = (loss_mean[0] / loss_mean[1]).item()
+        run.monitor.record(st.step, {"loss": step_loss, "lr": lr, "tokens": st.tokens})
+        if not np.isfinite(step_loss):
+            raise FloatingPointError(f"training loss is {step_loss} at step {st.step}; stopping "
+                                     "(lower train.lr or check the data)")
+
+        if rounds_due(cfg, st.step):
+            run_mixture_round(run, st.step)
+        if st.step % cfg.logging.every == 0 or st.step == last:
+            elapsed = time.perf_counter() - window_start
+            tps = window_tokens / elapsed if elapsed > 0 else float("nan")
+            log_step(run, st.step, step_loss, lr, tps)
+            run.monitor.progress(st.step, loss=step_loss, tok_s=round(tps))
+            window_start, window_tokens = time.perf_counter(), 0
+        if run.evaluator.due(st.step):
+            run.evaluator.run(engine.module, st.step, run.monitor)
+        if run.checkpointer.due(st.step):
+            save_checkpoint(run)
+
+    if trace is not None:
+        trace.close()
+    finished = st.step >= cfg.train.max_steps
+    result = {}
+    if finished and not run.evaluator.due(st.step):
+        result = run.evaluator.run(engine.module, st.step, run.monitor)
+    if run.checkpointer.last_saved != st.step:
+        save_checkpoint(run)
+    write_mixture_json(run)
+    run.monitor.close()
+    return result
+
+
+def _final_message(cfg: Config, finished: bool) -> str:
+    run_dir = cfg.run_dir
+    ckpts = run_dir / "checkpoints"
+    state = "finished" if finished else "stopped (resume by running the same command again)"
+    return "\n".join([
+        f"grape-ds: run {state}: {run_dir}",
+        f"  TensorBoard logs : {run_dir / 'tensorboard'}",
+        f"  checkpoints      : {ckpts}",
+        f"  mixture weights  : {run_dir / 'mixture.json'}",
+        f"  metrics          : {run_dir / 'metrics.jsonl'} and {run_dir / 'eval' / 'eval.jsonl'}",
+        f"  open TensorBoard : tensorboard --logdir {run_dir / 'tensorboard'}  (then http://localhost:6006)",
+    ])
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="grape_ds.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="experiment YAML")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.max_steps=100 (repeatable)")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start over even if the run directory has a checkpoint")
+    p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                   help="save a checkpoint and exit after this optimizer step (resume later)")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"grape-ds: config error: {exc}", file=sys.stderr)
+        return 2
+    run = build_run(cfg, resume=not args.no_resume)
+    train(run, stop_at=args.stop_at)
+    if run.rank == 0:
+        print(_final_message(cfg, run.state.step >= cfg.train.max_steps), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Config loading: every user mistake gets one ConfigError naming the key."""
+
+import json
+
+import pytest
+import yaml
+
+from grape_ds.config import ConfigError, config_to_dict, load_config
+
+DEMO = "yaml_configs/demo.yaml"
+
+
+def _load(*overrides, world_size=2, path=DEMO):
+    return load_config(path, list(overrides), world_size=world_size)
+
+
+def test_demo_config_loads_and_resolves_batch_keys():
+    cfg = _load()
+    assert cfg.ds_config["train_batch_size"] == 8 * 2 * 2
+    assert cfg.ds_config["train_micro_batch_size_per_gpu"] == 8
+    assert cfg.ds_config["gradient_accumulation_steps"] == 2
+    assert cfg.domain_names == [f"domain_{k}" for k in range(6)]
+    # the resolved config round-trips through YAML into an equal config
+    again = yaml.safe_load(yaml.safe_dump(config_to_dict(cfg)))
+    assert again["train"]["max_steps"] == cfg.train.max_steps
+
+
+def test_overrides_are_parsed_as_yaml():
+    cfg = _load("train.max_steps=7", "train.warmup_steps=2", "mixture.weights=[1, 0, 0, 0, 0, 1]", "logging.progress=false")
+    assert cfg.train.max_steps == 7
+    assert cfg.mixture.weights == [1.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+    assert cfg.logging.progress is False
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("train.lrr=0.1", "unknown key train.lrr"),
+    ("modle.n_layer=2", "unknown key modle"),
+    ("train.max_steps=ten", "train.max_steps: expected an integer"),
+    ("logging.progress=3", "logging.progress: expected true/false"),
+    ("mixture.weights=[1, 1]", "mixture.weights: 2 weights for 6 domains"),
+    ("mixture.weights=[1, 1, -1, 1, 1, 1]", "mixture.weights: weight of domain_2 is negative"),
+    ("mixture.weights=[0, 0, 0, 0, 0, 0]", "mixture.weights: all weights are zero"),
+    ("train.schedule=cosine", "train.schedule: unknown LR schedule 'cosine'"),
+    ("mixture.method=doremi", "mixture.method: unknown method 'doremi'"),
+    ("model.n_head=5", "model.n_head: 5 does not divide model.n_embd=128"),
+    ("data.seq_len=512", "data.seq_len: 512 exceeds model.n_positions=128"),
+    ("mixture.floor=0.2", "mixture.floor"),
+])
+def test_config_errors_name_the_key(override, fragment):
+    with pytest.raises(ConfigError) as err:
+        _load(override)
+    assert fragment in str(err.value)
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    raw = yaml.safe_load(open(DEMO))
+    raw["train"]["warmpu_steps"] = 3
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"unknown key train.warmpu_steps.*did you mean 'warmup_steps'"):
+        load_config(path, world_size=2)
+
+
+def test_missing_data_path_is_named(tmp_path):
+    raw = yaml.safe_load(open(DEMO))
+    raw["data"].pop("planted")
+    raw["data"]["domains"] = [{"name": "web", "source": {"type": "jsonl", "path": str(tmp_path / "nope.jsonl")}}]
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"data.domains\[0\].source.path: path does not exist: .*nope.jsonl"):
+        load_config(path, world_size=2)
+
+
+def test_batch_arithmetic_must_match_deepspeed_json(tmp_path):
+    ds = json.load(open("ds_configs/zero2_fp32.json"))
+    ds["train_batch_size"] = 32
+    ds_path = tmp_path / "ds.json"
+    ds_path.write_text(json.dumps(ds))
+    ok = _load(f"deepspeed.config={ds_path}", world_size=2)  # 8 x 2 x 2 = 32
+    assert ok.ds_config["train_batch_size"] == 32
+    with pytest.raises(ConfigError) as err:
+        _load(f"deepspeed.config={ds_path}", world_size=4)
+    msg = str(err.value)
+    assert "train_batch_size=32" in msg and "world size (4)" in msg and "train_batch_size=64" in msg
+
+
+def test_deepspeed_json_must_not_bring_its_own_optimizer(tmp_path):
+    ds = json.load(open("ds_configs/zero2_fp32.json"))
+    ds["optimizer"] = {"type": "Adam", "params": {"lr": 1e-3}}
+    ds_path = tmp_path / "ds.json"
+    ds_path.write_text(json.dumps(ds))
+    with pytest.raises(ConfigError, match="'optimizer' section"):
+        _load(f"deepspeed.config={ds_path}")
+
+
+def test_missing_deepspeed_json():
+    with pytest.raises(ConfigError, match="deepspeed.config: DeepSpeed JSON not found"):
+        _load("deepspeed.config=ds_configs/none.json")
+
+
+@pytest.mark.parametrize("path", ["ds_configs/zero2_fp32.json", "ds_configs/zero2_bf16.json",
+                                  "ds_configs/zero2_offload.json"])
+def test_shipped_deepspeed_configs_validate(path):
+    cfg = _load(f"deepspeed.config={path}")
+    assert cfg.ds_config["zero_optimization"]["stage"] == 2
