@@ -25,15 +25,18 @@ import yaml
 
 __all__ = [
     "ConfigError", "Config", "ModelConfig", "DataConfig", "SourceConfig", "UnitConfig",
-    "TokenizerConfig", "PlantedConfig", "MixtureConfig", "TrainConfig", "DeepSpeedSection",
+    "TokenizerConfig", "PlantedConfig", "MixtureConfig", "ProbeConfig", "TrainConfig", "DeepSpeedSection",
     "EvalConfig", "CheckpointConfig", "LoggingConfig", "load_config", "apply_overrides",
     "config_to_dict", "SCHEDULES", "METHODS", "SOURCE_TYPES", "BATCH_MODES",
 ]
 
 SCHEDULES = ("linear_warmup_cosine", "linear_warmup_exponential", "linear_warmup_decay")
-# Reweighting methods. Only ``static`` runs in the foundation; the others are recognised names whose
-# controllers plug into the train loop's reweighting round.
+# Reweighting methods (grape_ds.controller.METHOD_FNS holds their update rules; a test keeps the two
+# lists equal without making the config import the controller).
 METHODS = ("static", "grape", "grape_ema", "grape_gap", "doge")
+FORMS = ("research", "alignment")
+ESTIMATORS = ("sketch", "exact")
+DOMAIN_SOURCES = ("inband", "probe")
 SOURCE_TYPES = ("jsonl", "text", "parquet", "disk", "hub")
 BATCH_MODES = ("domain_pure", "mixed")
 
@@ -109,6 +112,24 @@ class MixtureConfig:
     floor: float = 1e-3         # minimum sampling probability of every domain; num_domains*floor < 1
     batch: str = "domain_pure"  # one of BATCH_MODES: a micro-batch from one domain, or mixed per sequence
     every: int = 0              # a reweighting round every this many optimizer steps (<= 0: never)
+    mu_domain: float = 1.5      # exponentiated-gradient step on alpha (research code: mu_train)
+    mu_task: float = 5.0        # exponentiated-gradient step on z (research code: mu_tgt)
+    form: str = "research"      # "research": the research code's clipped/pooled estimators;
+                                # "alignment": the explicit alignment-matrix form (ALGORITHMS.md §4.10)
+    unit_clip: float | None = 1.0  # research form: clip each unit gradient to this norm (null: no clip)
+    task_smoothing: float = 0.001  # z <- (1 - s) z + s / N after each task update (research: 0.001)
+    ema_beta: float = 0.9       # grape_ema: EMA factor of each task's loss
+
+
+@dataclass
+class ProbeConfig:
+    estimator: str = "sketch"   # "sketch" (projection of dimension dim) or "exact" (full dot products)
+    dim: int = 8192             # sketch dimension m; the buffer is [units, m] fp32
+    seed: int = 0               # seeds the projection; identical on every rank
+    domains: str = "inband"     # where domain gradients come from: "inband" (the training micro-batches,
+                                # needs mixture.batch=domain_pure) or "probe" (extra probe batches)
+    window: int = 2             # inband: the last this-many optimizer steps before a round feed it
+    batch_size: int = 4         # sequences per probe batch, per unit and rank (tasks; domains in "probe")
 
 
 @dataclass
@@ -161,6 +182,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     mixture: MixtureConfig = field(default_factory=MixtureConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -419,6 +441,24 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     k = len(cfg.domain_names)
     _require(0 <= mix.floor and mix.floor * k < 1,
              f"mixture.floor: {mix.floor} x {k} domains must be < 1 (and floor >= 0)")
+    _require(mix.form in FORMS, f"mixture.form: unknown form {mix.form!r}; choose from {list(FORMS)}")
+    _require(mix.mu_domain >= 0 and mix.mu_task >= 0, "mixture.mu_domain / mixture.mu_task: must be >= 0")
+    _require(mix.unit_clip is None or mix.unit_clip > 0, "mixture.unit_clip: must be > 0 (or null)")
+    _require(0 <= mix.task_smoothing < 1, "mixture.task_smoothing: must be in [0, 1)")
+    _require(0 <= mix.ema_beta < 1, "mixture.ema_beta: must be in [0, 1)")
+    if mix.method != "static" and mix.every > 0:
+        _require(len(cfg.task_names) > 0, f"mixture.method: {mix.method} needs target tasks (data.tasks)")
+    pr = cfg.probe
+    _require(pr.estimator in ESTIMATORS, f"probe.estimator: unknown estimator {pr.estimator!r}; choose from {list(ESTIMATORS)}")
+    _require(pr.domains in DOMAIN_SOURCES, f"probe.domains: unknown source {pr.domains!r}; choose from {list(DOMAIN_SOURCES)}")
+    _require(pr.dim > 0 and pr.batch_size > 0, "probe.dim / probe.batch_size: must be > 0")
+    _require(pr.window >= 1, "probe.window: must be >= 1")
+    if mix.every > 0:
+        _require(pr.window <= mix.every, f"probe.window: {pr.window} exceeds mixture.every={mix.every}")
+    if pr.domains == "inband" and mix.method != "static":
+        _require(mix.batch == "domain_pure",
+                 "probe.domains: inband domain gradients need mixture.batch=domain_pure "
+                 "(or set probe.domains=probe)")
     # train
     _require(t.schedule in SCHEDULES, f"train.schedule: unknown LR schedule {t.schedule!r}; choose from {list(SCHEDULES)}")
     _require(t.max_steps > 0, "train.max_steps: must be > 0")

@@ -103,3 +103,24 @@ def test_missing_deepspeed_json():
 def test_shipped_deepspeed_configs_validate(path):
     cfg = _load(f"deepspeed.config={path}")
     assert cfg.ds_config["zero_optimization"]["stage"] == 2
+
+
+def test_config_methods_match_the_controller():
+    from grape_ds.config import METHODS
+    from grape_ds.controller import METHOD_FNS
+    assert tuple(METHOD_FNS) == METHODS
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("probe.estimator=dense", "probe.estimator: unknown estimator 'dense'"),
+    ("mixture.form=paper", "mixture.form: unknown form 'paper'"),
+])
+def test_probe_and_form_errors(override, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        _load(override)
+
+
+def test_inband_probe_needs_domain_pure_batches():
+    with pytest.raises(ConfigError, match="probe.domains: inband domain gradients need mixture.batch=domain_pure"):
+        _load("mixture.method=grape", "mixture.every=10", "mixture.batch=mixed")
+    assert _load("mixture.method=grape", "mixture.every=10", "mixture.batch=mixed", "probe.domains=probe")

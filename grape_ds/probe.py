@@ -1,0 +1,161 @@
+"""The gradient probe: per-unit gradient projections captured by tensor hooks.
+
+Hooks are registered on every parameter *before* ``deepspeed.initialize``; they see each rank's
+local, unreduced gradient of one backward (``reference/DEEPSPEED_CPU.md`` §2a), under every ZeRO-2
+option, and never touch ``p.grad`` or DeepSpeed's partitions. While a unit (a source domain or a target
+task) is active, each hook adds a fixed linear projection of its parameter's gradient to that unit's
+row of a small ``[units, m]`` fp32 buffer. Because the projection is linear, one ``all_reduce`` of
+the buffer (with per-unit loss sums and counts) gives the projection of every unit's *globally
+reduced* gradient, whatever the number of ranks; the Gram matrix of the rows estimates the dot
+products the controller needs (``reference/ALGORITHMS.md`` §9.4).
+
+Estimators:
+
+* ``sketch``: a signed bucket sketch. Coordinate ``i`` of parameter ``p`` goes to bucket
+  ``(offset_p + i) mod m`` with a random sign ``s_p[i]``; signs and offsets are drawn from the seed, the
+  same on every rank, and the signs are stored packed (one bit per parameter entry, 1/32 of an fp32
+  copy of the model). The projection is never a P x m matrix. ``E<Sa, Sb> = <a, b>``.
+* ``exact``: the identity (``m = P``): the buffer holds the full flattened gradients, so the Gram
+  matrix is exact. For small models and as the oracle the sketch is measured against.
+
+Tied weights (GPT-2's ``wte``/``lm_head``) are one parameter and are counted once.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+from grape_ds.distributed import all_reduce_sum
+
+__all__ = ["GradientProbe", "ESTIMATORS"]
+
+ESTIMATORS = ("sketch", "exact")
+_BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+class GradientProbe:
+    """Hooks on ``model``'s parameters that project gradients into per-unit rows.
+
+    Args:
+        model: the module whose parameters are hooked (call before ``deepspeed.initialize``).
+        num_units: rows of the buffer (domains then tasks).
+        estimator: ``"sketch"`` or ``"exact"``.
+        dim: sketch dimension m (ignored by ``exact``).
+        seed: seeds the signs and offsets; must be the same on every rank.
+    """
+
+    def __init__(self, model: torch.nn.Module, num_units: int, estimator: str = "sketch",
+                 dim: int = 8192, seed: int = 0) -> None:
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"unknown probe estimator {estimator!r}; choose from {list(ESTIMATORS)}")
+        self.estimator, self.num_units = estimator, num_units
+        self.params = [p for p in model.parameters() if p.requires_grad]  # unique: tied counted once
+        self.numel = sum(p.numel() for p in self.params)
+        self.dim = self.numel if estimator == "exact" else int(dim)
+        device = self.params[0].device
+        gen = torch.Generator().manual_seed(seed)
+        self.offsets: list[int] = []   # exact: start of the parameter in the flat vector; sketch: bucket offset
+        self.signs: list[torch.Tensor] = []  # sketch: packed sign bits per parameter, [ceil(n / 8)] uint8
+        start = 0
+        for p in self.params:
+            if estimator == "exact":
+                self.offsets.append(start)
+                start += p.numel()
+            else:
+                self.offsets.append(int(torch.randint(0, self.dim, (1,), generator=gen)))
+                nbytes = (p.numel() + 7) // 8
+                self.signs.append(torch.randint(0, 256, (nbytes,), generator=gen, dtype=torch.uint8).to(device))
+        self.buffer = torch.zeros(num_units, self.dim, dtype=torch.float32, device=device)  # [units, m]
+        self.stats = torch.zeros(num_units, 3, dtype=torch.float32, device=device)  # [units, (loss sum, n, seqs)]
+        self.active: int | None = None
+        self.scale = 1.0
+        self._handles = [p.register_hook(self._make_hook(i)) for i, p in enumerate(self.params)]
+
+    # -- capture --------------------------------------------------------------------------------
+
+    def _make_hook(self, index: int):
+        def hook(grad: torch.Tensor):
+            if self.active is not None:
+                self._add(index, grad)
+            return None  # never changes the gradient
+        return hook
+
+    def _sign_vector(self, index: int, n: int) -> torch.Tensor:
+        packed = self.signs[index]
+        bits = (packed.unsqueeze(1) & _BITS.to(packed.device)) != 0  # [ceil(n/8), 8]
+        return bits.reshape(-1)[:n].float() * 2 - 1                  # [n] of +-1
+
+    @torch.no_grad()
+    def _add(self, index: int, grad: torch.Tensor) -> None:
+        g = grad.detach().reshape(-1).float()  # fp32 accumulation even for bf16 gradients
+        if self.scale != 1.0:
+            g = g * self.scale
+        row = self.buffer[self.active]
+        if self.estimator == "exact":
+            start = self.offsets[index]
+            row[start:start + g.numel()] += g
+            return
+        n, m = g.numel(), self.dim
+        v = g * self._sign_vector(index, n)
+        if n % m:
+            v = F.pad(v, (0, m - n % m))
+        folded = v.view(-1, m).sum(0)                     # [m]: bucket i mod m
+        row += torch.roll(folded, self.offsets[index])    # bucket (offset + i) mod m
+
+    @contextmanager
+    def unit(self, unit: int, scale: float = 1.0):
+        """Within the block, every backward's gradient is added to ``unit``'s row (times ``scale``)."""
+        self.active, self.scale = unit, float(scale)
+        try:
+            yield
+        finally:
+            self.active, self.scale = None, 1.0
+
+    def record(self, unit: int, loss: float, sequences: int) -> None:
+        """One gradient contribution of ``unit`` (a micro-batch or probe batch) with its mean loss."""
+        self.stats[unit] += torch.tensor([loss, 1.0, float(sequences)], device=self.stats.device)
+
+    # -- reduce ---------------------------------------------------------------------------------
+
+    def reduce(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One all_reduce over ranks; returns (projections [U, m], mean losses [U], sequences [U]).
+
+        A unit's projection is the mean of its contributions' projected gradients over all ranks,
+        i.e. the projection of the gradient of its mean loss over all its batches. Resets the buffer.
+        """
+        u, m = self.buffer.shape
+        flat = torch.cat([self.buffer.reshape(-1), self.stats.reshape(-1)])  # [U*m + 3U]
+        all_reduce_sum(flat)
+        proj, stats = flat[: u * m].view(u, m), flat[u * m:].view(u, 3)
+        n = stats[:, 1].clamp(min=1)
+        self.buffer.zero_()
+        self.stats.zero_()
+        return proj / n[:, None], stats[:, 0] / n, stats[:, 2]
+
+    @staticmethod
+    def gram(proj: torch.Tensor) -> torch.Tensor:
+        """``[U, U]`` dot products of the projected unit gradients, in float64."""
+        p = proj.double()
+        return p @ p.T
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """This rank's partial (unreduced) sums: saved per rank so a resume mid-window is exact."""
+        return {"buffer": self.buffer.cpu().clone(), "stats": self.stats.cpu().clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.buffer.copy_(state["buffer"])
+        self.stats.copy_(state["stats"])
+
+    def memory_bytes(self) -> int:
+        """What the probe itself holds: the buffers and the packed signs."""
+        return (self.buffer.numel() * 4 + self.stats.numel() * 4
+                + sum(s.numel() for s in self.signs))
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()

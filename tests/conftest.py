@@ -1,0 +1,56 @@
+"""Shared fixtures: environment for DeepSpeed on CPU, a shared packed-data cache, and a launcher
+helper that runs real ranks through the ``deepspeed`` launcher."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "yaml_configs" / "demo.yaml"
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> Path:
+    """One packed-data cache for the whole session: the planted corpus is packed once."""
+    return tmp_path_factory.mktemp("data_cache")
+
+
+# A tiny, fast run on the planted corpus; tests add their own overrides on top.
+TINY = [
+    "train.max_steps=40", "train.warmup_steps=4", "train.micro_batch_size=4",
+    "train.gradient_accumulation_steps=2", "eval.every=20", "eval.max_windows=32",
+    "checkpoint.every=20", "logging.every=5", "logging.progress=false",
+]
+
+
+def launch(run_root: Path, cache: Path, overrides=(), args=(), world_size: int = 2,
+           timeout: float = 300, check: bool = True, config: Path = DEMO) -> subprocess.CompletedProcess:
+    """Run ``grape_ds.train`` with ``world_size`` ranks under the real ``deepspeed`` launcher."""
+    sets = [*TINY, f"logging.output_dir={run_root}", f"data.cache_dir={cache}", *overrides]
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(world_size),
+           "--master_port", str(free_port()), "--module", "grape_ds.train", "--config", str(config)]
+    for s in sets:
+        cmd += ["--set", s]
+    cmd += list(args)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr)[-6000:]
+        raise AssertionError(f"launch failed with exit code {proc.returncode}:\n{tail}")
+    return proc

@@ -1,0 +1,66 @@
+"""``run_distributed(fn, world_size=2)``: real processes on gloo, for tests of collectives.
+
+Each rank is a spawned process with ``MASTER_ADDR``, ``MASTER_PORT``, ``RANK`` and ``WORLD_SIZE`` set;
+it initialises a gloo process group, runs the module-level ``fn(rank, world_size, *args)`` and always
+destroys the group. Results come back per rank. A rank that dies or outlives ``timeout`` fails the
+test with its rank and exit code.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world_size, port, fn, args, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        try:
+            queue.put((rank, "ok", fn(rank, world_size, *args)))
+        finally:
+            dist.destroy_process_group()
+    except BaseException:
+        queue.put((rank, "error", traceback.format_exc()))
+        raise
+
+
+def run_distributed(fn, world_size: int = 2, args: tuple = (), timeout: float = 120.0) -> list:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_entry, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results: dict[int, object] = {}
+    errors = []
+    try:
+        for _ in range(world_size):
+            rank, status, value = queue.get(timeout=timeout)
+            if status == "ok":
+                results[rank] = value
+            else:
+                errors.append(f"rank {rank} raised:\n{value}")
+    except Exception:
+        errors.append(f"timed out after {timeout}s waiting for ranks {sorted(set(range(world_size)) - set(results))}")
+    for r, p in enumerate(procs):
+        p.join(timeout=10)
+        if p.is_alive():
+            p.kill()
+            errors.append(f"rank {r} did not exit")
+        elif p.exitcode not in (0, None) and r not in results:
+            errors.append(f"rank {r} exited with code {p.exitcode}")
+    if errors:
+        raise AssertionError("\n".join(errors))
+    return [results[r] for r in range(world_size)]
