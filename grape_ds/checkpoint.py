@@ -1,7 +1,8 @@
 """Checkpoints: DeepSpeed engine state plus everything the loop needs, written atomically enough.
 
 ``engine.save_checkpoint`` writes the model, the ZeRO optimizer partitions, the LR scheduler and our
-``client_state`` (sampler, controller and loop state). A checkpoint is *complete* only once every rank
+``client_state`` (sampler, controller and loop state, from rank 0); each rank also writes its own
+``rank<r>_state.pt`` (state that differs per rank, such as the probe's unreduced sums). A checkpoint is *complete* only once every rank
 has finished writing it and rank 0 has put a ``COMPLETE`` marker in its folder; resume considers only
 complete ones, newest first, and falls back to the previous one (with a warning) when loading fails
 on any rank. The last ``keep_last`` complete checkpoints are kept.
@@ -57,7 +58,7 @@ class Checkpointer:
     def due(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
 
-    def save(self, engine, step: int, client_state: dict) -> Path:
+    def save(self, engine, step: int, client_state: dict, rank_state: dict | None = None) -> Path:
         """Collective: every rank must call it at the same step."""
         tag = _tag(step)
         path = self.dir / tag
@@ -65,6 +66,7 @@ class Checkpointer:
             shutil.rmtree(path)
         barrier()
         engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=True)
+        torch.save(rank_state or {}, path / f"rank{get_rank()}_state.pt")
         barrier()  # every rank's shard is on disk before the marker says so
         if get_rank() == 0:
             (path / MARKER).write_text(json.dumps({"step": step, "time": time.time()}) + "\n")
@@ -78,28 +80,31 @@ class Checkpointer:
         for _, tag in done[: max(0, len(done) - self.keep_last)]:
             shutil.rmtree(self.dir / tag, ignore_errors=True)
 
-    def load_latest(self, engine) -> dict | None:
-        """Load the newest complete checkpoint every rank can read; its client state, or None.
+    def load_latest(self, engine) -> tuple[dict, dict] | None:
+        """Load the newest complete checkpoint every rank can read: (client state, this rank's
+        state), or None when there is no checkpoint.
 
         Collective. A checkpoint that fails to load on any rank is reported and the previous one is
         tried, so all ranks always end on the same checkpoint.
         """
         candidates = complete_checkpoints(self.dir)
         for step, tag in reversed(candidates):
-            ok, client_state, error = 1.0, None, ""
+            ok, client_state, rank_state, error = 1.0, None, {}, ""
             try:
                 path, client_state = engine.load_checkpoint(str(self.dir), tag=tag,
                                                             load_optimizer_states=True,
                                                             load_lr_scheduler_states=True)
                 if path is None:
                     ok, error = 0.0, "DeepSpeed found no loadable files"
+                else:
+                    rank_state = torch.load(self.dir / tag / f"rank{get_rank()}_state.pt", weights_only=False)
             except Exception as exc:  # corrupt or truncated files: fall back to the previous one
                 ok, error = 0.0, f"{type(exc).__name__}: {exc}"
             flag = all_reduce_sum(torch.tensor([1.0 - ok]))
             if flag.item() == 0:
                 self.last_saved = step
                 log.info("resumed from checkpoint %s", self.dir / tag)
-                return client_state
+                return client_state, rank_state
             log.warning("checkpoint %s failed to load (%s); trying the previous one", self.dir / tag,
                         error or "another rank failed")
         if candidates:

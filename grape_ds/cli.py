@@ -3,6 +3,7 @@
     grape-ds check-config CONFIG [--set k=v ...] [--world-size N]   validate and print the resolved config
     grape-ds train --config CONFIG [...]                              one rank of a run (under a launcher)
     grape-ds ground-truth [--set k=v ...]                             the planted corpus's ground truth
+    grape-ds bench {overhead,fidelity,planted} [...]                  the performance figures
 
 Multi-rank runs go through the DeepSpeed launcher:
 ``deepspeed --num_gpus 2 --module grape_ds.train --config CONFIG``.
@@ -59,6 +60,8 @@ def main(argv=None) -> int:
     t = sub.add_parser("train", help="one rank of a training run (use under the deepspeed launcher)",
                        add_help=False)
     t.add_argument("rest", nargs=argparse.REMAINDER)
+    b = sub.add_parser("bench", help="benchmarks: overhead, fidelity, planted", add_help=False)
+    b.add_argument("rest", nargs=argparse.REMAINDER)
     g = sub.add_parser("ground-truth", help="print the planted corpus's ground truth")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a data.planted key, e.g. num_domains=9")
@@ -68,6 +71,9 @@ def main(argv=None) -> int:
     if args.command == "train":
         from grape_ds.train import main as train_main
         return train_main(args.rest)
+    if args.command == "bench":
+        from grape_ds.bench import main as bench_main
+        return bench_main(args.rest)
     return _ground_truth(args)
 
 

@@ -124,7 +124,7 @@ class MixtureConfig:
 @dataclass
 class ProbeConfig:
     estimator: str = "sketch"   # "sketch" (projection of dimension dim) or "exact" (full dot products)
-    dim: int = 8192             # sketch dimension m; the buffer is [units, m] fp32
+    dim: int = 32768            # sketch dimension m; the buffer is [units, m] fp32 (bench fidelity)
     seed: int = 0               # seeds the projection; identical on every rank
     domains: str = "inband"     # where domain gradients come from: "inband" (the training micro-batches,
                                 # needs mixture.batch=domain_pure) or "probe" (extra probe batches)

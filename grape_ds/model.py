@@ -25,7 +25,9 @@ def build_model(cfg: ModelConfig, vocab_size: int, eot_id: int, seed: int) -> GP
         if model.config.vocab_size != vocab_size:
             raise ValueError(f"model.init_from: {cfg.init_from} has vocab_size {model.config.vocab_size} "
                              f"but the tokenizer has {vocab_size}")
-        return model
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return GPT2LMHeadModel(gpt2_config(cfg, vocab_size, eot_id))
+    else:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = GPT2LMHeadModel(gpt2_config(cfg, vocab_size, eot_id))
+    model.loss_type = "ForCausalLM"  # the mean next-token cross-entropy (named, so no warning)
+    return model

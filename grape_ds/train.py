@@ -27,13 +27,15 @@ import yaml
 
 from grape_ds.checkpoint import Checkpointer
 from grape_ds.config import Config, ConfigError, config_to_dict, load_config
-from grape_ds.controller import MixtureController
+from grape_ds.controller import MethodParams, MixtureController, RoundStats
 from grape_ds.data import MixtureSampler, PackedData, prepare_data
+from grape_ds.data.sampler import probe_windows
 from grape_ds.distributed import (all_reduce_sum, barrier, broadcast_object, get_local_rank, get_rank,
                                   get_world_size, setup_logging)
 from grape_ds.evaluation import Evaluator
 from grape_ds.model import build_model
 from grape_ds.monitor import build_monitor, truncate_jsonl
+from grape_ds.probe import GradientProbe
 
 __all__ = ["Run", "build_run", "train", "main", "parse_args"]
 
@@ -60,12 +62,17 @@ class Run:
     engine: object
     sampler: MixtureSampler
     controller: MixtureController
+    probe: GradientProbe | None
     checkpointer: Checkpointer
     evaluator: Evaluator
     monitor: object
     state: LoopState
     rank: int
     world_size: int
+
+    @property
+    def num_units(self) -> int:
+        return len(self.data.domains) + len(self.data.tasks)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,8 +94,14 @@ def _set_aside(run_dir: Path) -> None:
         log.warning("--no-resume: the previous contents of %s were moved to %s", run_dir, aside)
 
 
+def _method_params(cfg: Config) -> MethodParams:
+    m = cfg.mixture
+    return MethodParams(mu_domain=m.mu_domain, mu_task=m.mu_task, form=m.form, tau=m.unit_clip,
+                        task_smoothing=m.task_smoothing, ema_beta=m.ema_beta, floor=m.floor)
+
+
 def build_run(cfg: Config, resume: bool = True) -> Run:
-    """Data, model, engine, sampler, controller, monitor: everything a run needs, in that order."""
+    """Data, model, probe, engine, sampler, controller, monitor: everything a run needs, in that order."""
     from grape_ds import engine as ds_engine  # deepspeed import stays out of config-only commands
 
     ds_engine.init_distributed(cfg.deepspeed.timeout_minutes)
@@ -101,26 +114,32 @@ def build_run(cfg: Config, resume: bool = True) -> Run:
 
     data = prepare_data(cfg.data, local_rank=get_local_rank())
     model = build_model(cfg.model, data.vocab_size, data.eot_id, seed=cfg.train.seed)
+    probe = None
+    if cfg.mixture.method != "static" and cfg.mixture.every > 0:  # hooks before deepspeed.initialize
+        probe = GradientProbe(model, len(data.domains) + len(data.tasks), cfg.probe.estimator,
+                              cfg.probe.dim, cfg.probe.seed)
     engine = ds_engine.build_engine(model, cfg)
 
     mix = cfg.mixture
-    controller = MixtureController(mix.method, data.domains, data.tasks, mix.weights, mix.task_weights)
+    controller = MixtureController(mix.method, data.domains, data.tasks, mix.weights, mix.task_weights,
+                                   _method_params(cfg))
     sampler = MixtureSampler([data.num_windows(d, "train") for d in data.domains], controller.alpha,
                              seed=cfg.train.seed, rank=rank, world_size=world_size,
                              micro_batch_size=cfg.train.micro_batch_size, mode=mix.batch,
                              floor=mix.floor, data_hash=data.content_hash)
     checkpointer = Checkpointer(cfg.run_dir / "checkpoints", cfg.checkpoint.every, cfg.checkpoint.keep_last)
     state = LoopState()
-    if resume and cfg.checkpoint.resume:
-        client_state = checkpointer.load_latest(engine)
-        if client_state is not None:
-            state.load_state_dict(client_state["loop"])
-            controller.load_state_dict(client_state["controller"])
-            sampler.load_state_dict(client_state["sampler"])
-            if rank != 0:  # rank 0 carries the all-ranks realised counts since the last log
-                sampler.counts[:] = 0
-            if state.step != engine.global_steps:
-                raise RuntimeError(f"checkpoint step {state.step} != engine step {engine.global_steps}")
+    loaded = checkpointer.load_latest(engine) if resume and cfg.checkpoint.resume else None
+    if loaded is not None:
+        client_state, rank_state = loaded
+        state.load_state_dict(client_state["loop"])
+        controller.load_state_dict(client_state["controller"])
+        sampler.load_state_dict(client_state["sampler"])
+        sampler.counts[:] = rank_state["sampler_counts"]
+        if probe is not None and "probe" in rank_state:
+            probe.load_state_dict(rank_state["probe"])
+        if state.step != engine.global_steps:
+            raise RuntimeError(f"checkpoint step {state.step} != engine step {engine.global_steps}")
     evaluator = Evaluator(data, cfg.eval.every, cfg.eval.batch_size, cfg.eval.max_windows, rank,
                           world_size, cfg.run_dir)
     if rank == 0:
@@ -129,8 +148,8 @@ def build_run(cfg: Config, resume: bool = True) -> Run:
         truncate_jsonl(_trace_path(cfg, rank), state.step)
     monitor = build_monitor(rank, cfg.run_dir, data.domains, data.tasks, cfg.train.max_steps,
                             start_step=state.step, progress=cfg.logging.progress)
-    return Run(cfg, data, engine, sampler, controller, checkpointer, evaluator, monitor, state, rank,
-               world_size)
+    return Run(cfg, data, engine, sampler, controller, probe, checkpointer, evaluator, monitor, state,
+               rank, world_size)
 
 
 def _trace_path(cfg: Config, rank: int) -> Path:
@@ -140,6 +159,11 @@ def _trace_path(cfg: Config, rank: int) -> Path:
 # ----------------------------------------------------------------------------------------------
 # The loop and its named steps
 # ----------------------------------------------------------------------------------------------
+
+def _rows(data: PackedData, unit: str, split: str, windows) -> torch.Tensor:
+    w = data.windows(unit, split)
+    return torch.from_numpy(np.stack([w[i] for i in windows]).astype(np.int64))  # [batch, seq_len]
+
 
 def _batch(data: PackedData, draw) -> torch.Tensor:
     rows = [data.windows(data.domains[d], "train")[w] for d, w in zip(draw.domains, draw.windows)]
@@ -151,27 +175,91 @@ def rounds_due(cfg: Config, step: int) -> bool:
     return every > 0 and step % every == 0
 
 
+def inband_due(run: Run, step: int) -> bool:
+    """Whether optimizer step ``step`` (1-based) lies in the in-band window before a round."""
+    if run.probe is None or run.cfg.probe.domains != "inband":
+        return False
+    every = run.cfg.mixture.every
+    r = step % every
+    return r == 0 or r > every - run.cfg.probe.window
+
+
+def _probe_units(run: Run, step: int) -> None:
+    """Probe batches for the tasks (and the domains when they are not in-band): forward on
+    ``engine.module`` and ``torch.autograd.grad``, which never reaches DeepSpeed's gradient hooks,
+    ``p.grad`` or the optimizer. RNG state is restored, so training draws nothing different."""
+    cfg, data, probe = run.cfg, run.data, run.probe
+    k = len(data.domains)
+    units = [(k + n, t) for n, t in enumerate(data.tasks)]
+    if cfg.probe.domains == "probe":
+        units = [(d, name) for d, name in enumerate(data.domains)] + units
+    module = run.engine.module
+    with torch.random.fork_rng(devices=[]):
+        for u, name in units:
+            windows = probe_windows(data.num_windows(name, "train"), cfg.probe.batch_size,
+                                    seed=cfg.train.seed, rank=run.rank, step=step, unit=u)
+            x = _rows(data, name, "train", windows).to(run.engine.device)
+            loss = module(input_ids=x, labels=x).loss
+            with probe.unit(u):
+                torch.autograd.grad(loss, probe.params)
+            probe.record(u, loss.item(), len(windows))
+
+
 def run_mixture_round(run: Run, step: int) -> None:
-    """The reweighting round, at an accumulation boundary: the controller updates alpha and z on rank 0,
-    then every rank's sampler takes the broadcast weights at its next draw."""
-    changed = run.controller.round(step) if run.rank == 0 else False
-    alpha, z, changed = broadcast_object((run.controller.alpha, run.controller.z, changed))
-    run.controller.alpha, run.controller.z = alpha, z
-    if changed:
-        run.sampler.set_weights(alpha)
+    """The reweighting round, at an accumulation boundary after optimizer step ``step``.
+
+    Probe batches, one all_reduce of the ``[units, m]`` buffer with per-unit losses and counts, the
+    controller's update on rank 0, and a broadcast of its state; every rank's sampler takes the new
+    alpha at its next draw."""
+    if run.probe is not None:
+        _probe_units(run, step)
+        proj, losses, seqs = run.probe.reduce()
+        stats = RoundStats(losses=losses.double().cpu().numpy(), gram=run.probe.gram(proj).cpu().numpy(),
+                           counts=seqs.cpu().numpy(), num_domains=len(run.data.domains))
+    else:
+        stats = None
+    if run.rank == 0:
+        run.controller.round(step, stats)
+    run.controller.load_state_dict(broadcast_object(run.controller.state_dict()))
+    run.sampler.set_weights(run.controller.alpha)
+    if stats is not None:
+        log_round(run, step, stats)
 
 
-def _client_state(run: Run) -> dict:
-    # Realised counts since the last log, summed over ranks so rank 0's checkpoint carries them all.
-    counts = all_reduce_sum(torch.from_numpy(run.sampler.counts.astype(np.float64)))
-    sampler_state = run.sampler.state_dict()
-    sampler_state["counts"] = counts.long().tolist()
-    return {"loop": run.state.state_dict(), "sampler": sampler_state,
-            "controller": run.controller.state_dict()}
+def log_round(run: Run, step: int, stats: RoundStats) -> None:
+    units = run.data.domains + run.data.tasks
+    m = run.monitor
+    m.vector(step, "reweight/loss", units, stats.losses)
+    m.vector(step, "reweight/grad_norm", units, np.sqrt(np.maximum(np.diag(stats.gram), 0)))
+    m.vector(step, "reweight/alignment", run.data.domains,
+             run.controller.last_diagnostics.get("alignment", [0.0] * len(run.data.domains)))
+    log_weights(run, step)
+
+
+def log_weights(run: Run, step: int) -> None:
+    m, c = run.monitor, run.controller
+    m.vector(step, "mixture/domain", run.data.domains, run.sampler.probs)
+    m.vector(step, "mixture/task", run.data.tasks, c.z)
+    m.vector(step, "mixture_avg/domain", run.data.domains, c.alpha_avg)
+    m.vector(step, "mixture_avg/task", run.data.tasks, c.z_avg)
+
+
+def log_step(run: Run, step: int, loss: float, lr: float, tokens_per_sec: float) -> None:
+    counts = all_reduce_sum(torch.from_numpy(run.sampler.counts.astype(np.float64)))  # [K], all ranks
+    run.sampler.counts[:] = 0
+    realised = (counts / counts.sum()).tolist() if counts.sum() > 0 else counts.tolist()
+    run.monitor.scalars(step, {"train/loss": loss, "train/lr": lr, "train/tokens_per_sec": tokens_per_sec})
+    run.monitor.vector(step, "mixture/realised", run.data.domains, realised)
+    log_weights(run, step)
 
 
 def save_checkpoint(run: Run) -> None:
-    run.checkpointer.save(run.engine, run.state.step, _client_state(run))
+    client_state = {"loop": run.state.state_dict(), "sampler": run.sampler.state_dict(),
+                    "controller": run.controller.state_dict()}
+    rank_state = {"sampler_counts": run.sampler.counts.copy()}
+    if run.probe is not None:
+        rank_state["probe"] = run.probe.state_dict()
+    run.checkpointer.save(run.engine, run.state.step, client_state, rank_state)
     write_mixture_json(run)
 
 
@@ -183,42 +271,35 @@ def write_mixture_json(run: Run) -> None:
         os.replace(tmp, path)
 
 
-def log_step(run: Run, step: int, loss: float, lr: float, tokens_per_sec: float) -> None:
-    counts = all_reduce_sum(torch.from_numpy(run.sampler.counts.astype(np.float64)))  # [K]
-    run.sampler.counts[:] = 0
-    realised = (counts / counts.sum()).tolist() if counts.sum() > 0 else counts.tolist()
-    m, names = run.monitor, run.data.domains
-    m.scalars(step, {"train/loss": loss, "train/lr": lr, "train/tokens_per_sec": tokens_per_sec})
-    m.vector(step, "mixture/domain", names, run.sampler.probs)
-    m.vector(step, "mixture/realised", names, realised)
-    m.vector(step, "mixture/task", run.data.tasks, run.controller.z)
-    m.vector(step, "mixture_avg/domain", names, run.controller.alpha_avg)
-    m.vector(step, "mixture_avg/task", run.data.tasks, run.controller.z_avg)
-
-
 def train(run: Run, stop_at: int | None = None) -> dict:
     """Train to ``train.max_steps`` (or to ``stop_at``, saving a checkpoint there)."""
     cfg, engine, st = run.cfg, run.engine, run.state
     gas = cfg.train.gradient_accumulation_steps
     tokens_per_step = cfg.train.micro_batch_size * gas * run.world_size * cfg.data.seq_len
-    last = stop_at if stop_at is not None else cfg.train.max_steps
+    last = min(stop_at if stop_at is not None else cfg.train.max_steps, cfg.train.max_steps)
     trace = None
     if cfg.logging.trace_batches:
         _trace_path(cfg, run.rank).parent.mkdir(parents=True, exist_ok=True)
         trace = _trace_path(cfg, run.rank).open("a")
     engine.train()
     window_start, window_tokens = time.perf_counter(), 0
-    while st.step < min(last, cfg.train.max_steps):
+    while st.step < last:
         lr = engine.get_lr()[0]
+        inband = inband_due(run, st.step + 1)
         loss_sum = torch.zeros(2, dtype=torch.float64)  # [loss sum over micro-batches, micro-batches]
         for micro in range(gas):
             draw = run.sampler.draw(st.step, micro)
             if trace is not None:
-                trace.write(json.dumps({"step": st.step, "micro": micro, "domains": draw.domains.tolist(),
+                trace.write(json.dumps({"step": st.step + 1, "micro": micro, "domains": draw.domains.tolist(),
                                         "windows": draw.windows.tolist()}) + "\n")
             x = _batch(run.data, draw).to(engine.device)
             loss = engine(input_ids=x, labels=x).loss
-            engine.backward(loss)
+            if inband:  # engine.backward scales the loss by 1/gas; the probe undoes it
+                with run.probe.unit(draw.pure_domain, scale=gas):
+                    engine.backward(loss)
+                run.probe.record(draw.pure_domain, loss.item(), len(x))
+            else:
+                engine.backward(loss)
             engine.step()
             loss_sum += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
         st.step += 1
@@ -226,13 +307,16 @@ def train(run: Run, stop_at: int | None = None) -> dict:
         window_tokens += tokens_per_step
         loss_mean = all_reduce_sum(loss_sum)
         step_loss = (loss_mean[0] / loss_mean[1]).item()
-        run.monitor.record(st.step, {"loss": step_loss, "lr": lr, "tokens": st.tokens})
+        run.monitor.record(st.step, {"loss": step_loss, "lr": lr, "tokens": st.tokens, "time": time.time()})
         if not np.isfinite(step_loss):
             raise FloatingPointError(f"training loss is {step_loss} at step {st.step}; stopping "
                                      "(lower train.lr or check the data)")
 
         if rounds_due(cfg, st.step):
             run_mixture_round(run, st.step)
+            if trace is not None:
+                trace.write(json.dumps({"step": st.step, "alpha": run.controller.alpha.tolist(),
+                                        "z": run.controller.z.tolist()}) + "\n")
         if st.step % cfg.logging.every == 0 or st.step == last:
             elapsed = time.perf_counter() - window_start
             tps = window_tokens / elapsed if elapsed > 0 else float("nan")
@@ -246,9 +330,8 @@ def train(run: Run, stop_at: int | None = None) -> dict:
 
     if trace is not None:
         trace.close()
-    finished = st.step >= cfg.train.max_steps
     result = {}
-    if finished and not run.evaluator.due(st.step):
+    if st.step >= cfg.train.max_steps and not run.evaluator.due(st.step):
         result = run.evaluator.run(engine.module, st.step, run.monitor)
     if run.checkpointer.last_saved != st.step:
         save_checkpoint(run)

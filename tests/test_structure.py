@@ -11,7 +11,8 @@ SHARED = {"grape_ds.config", "grape_ds.distributed", "grape_ds.schedules"}
 # Extra edges allowed beyond SHARED (the wiring modules and the data package's own internals).
 ALLOWED = {
     "grape_ds.train": "*",
-    "grape_ds.cli": {"grape_ds.train", "grape_ds.data"},
+    "grape_ds.bench": "*",
+    "grape_ds.cli": {"grape_ds.train", "grape_ds.bench", "grape_ds.data"},
     "grape_ds.data": {"grape_ds.data"},
 }
 

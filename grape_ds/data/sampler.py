@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["MixtureSampler", "Draw", "floored_probabilities", "draw_indices"]
+__all__ = ["MixtureSampler", "Draw", "floored_probabilities", "draw_indices", "probe_windows"]
 
 _PHILOX_SALT = 0x6772617065  # "grape": keeps our streams apart from other Philox users of the seed
 
@@ -75,6 +75,13 @@ def draw_indices(probs: np.ndarray, sizes: np.ndarray, batch: int, pure: bool, *
     return Draw(domains=domains, windows=np.minimum(windows, sizes[domains] - 1))
 
 
+def probe_windows(size: int, batch: int, *, seed: int, rank: int, step: int, unit: int) -> np.ndarray:
+    """Windows of a probe batch for ``unit`` at the round after ``step``: ``[batch]`` uniform in
+    ``[0, size)``, a pure function like the training draws and never overlapping their streams."""
+    rng = _generator(seed, rank, step, (1 << 32) + unit)
+    return np.minimum((rng.random(batch) * size).astype(np.int64), size - 1)
+
+
 class MixtureSampler:
     """Draws micro-batches for one rank from the current mixture weights.
 
@@ -129,10 +136,11 @@ class MixtureSampler:
         return counts / total if total else counts.astype(np.float64)
 
     # Stateful protocol. Draws depend only on (seed, rank, step, micro_step, weights), so the state is
-    # the weights in use and what identifies the stream.
+    # the weights in use and what identifies the stream; the realised counts are per-rank state that
+    # the loop saves separately.
     def state_dict(self) -> dict:
         return {"seed": self.seed, "weights": self.weights.tolist(), "mode": self.mode,
-                "floor": self.floor, "data_hash": self.data_hash, "counts": self.counts.tolist()}
+                "floor": self.floor, "data_hash": self.data_hash}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("data_hash", "") != self.data_hash:
@@ -143,4 +151,3 @@ class MixtureSampler:
         if state["seed"] != self.seed:
             raise ValueError(f"checkpoint seed {state['seed']} differs from train.seed {self.seed}")
         self.set_weights(state["weights"])
-        self.counts = np.asarray(state.get("counts", np.zeros(self.num_domains)), dtype=np.int64)

@@ -1,0 +1,64 @@
+"""Checkpoints: completeness, keep-last-N, fallback to the previous one, starting over."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import DEMO, REPO, TINY
+from grape_ds.checkpoint import MARKER, complete_checkpoints
+
+
+def test_only_marked_checkpoints_are_complete(tmp_path):
+    for step, marked in ((10, True), (20, True), (30, False)):
+        d = tmp_path / f"step{step:08d}"
+        d.mkdir()
+        if marked:
+            (d / MARKER).write_text("{}")
+    (tmp_path / "latest").write_text("step00000030")
+    assert complete_checkpoints(tmp_path) == [(10, "step00000010"), (20, "step00000020")]
+    assert complete_checkpoints(tmp_path / "missing") == []
+
+
+def _run_single(run_root: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:
+    """One rank, no launcher (init_distributed makes a 1-process group)."""
+    cmd = [sys.executable, "-m", "grape_ds.train", "--config", str(DEMO)]
+    for s in [*TINY, "checkpoint.every=2", "checkpoint.keep_last=2", "eval.every=0",
+              f"logging.output_dir={run_root}", f"data.cache_dir={cache}", "logging.run_name=one"]:
+        cmd += ["--set", s]
+    proc = subprocess.run([*cmd, *extra], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    return proc
+
+
+def _losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+
+
+@pytest.mark.slow
+def test_keep_last_fallback_on_corrupt_checkpoint_and_start_over(tmp_path, data_cache):
+    run = tmp_path / "one"
+    _run_single(tmp_path, data_cache, "--stop-at", "6")
+    ckpt = run / "checkpoints"
+    assert [s for s, _ in complete_checkpoints(ckpt)] == [4, 6]  # keep_last=2 pruned step 2
+    before = _losses(run)
+
+    # Corrupt the newest checkpoint: resume reports it and falls back to step 4.
+    states = next((ckpt / "step00000006").glob("*model_states.pt"))
+    states.write_bytes(states.read_bytes()[:100])
+    proc = _run_single(tmp_path, data_cache, "--stop-at", "8")
+    out = proc.stdout + proc.stderr
+    assert "step00000006 failed to load" in out and "resumed from checkpoint" in out
+    after = _losses(run)
+    assert sorted(after) == list(range(1, 9))
+    assert after[5] == before[5] and after[6] == before[6]  # steps 5-6 recomputed exactly
+
+    # Starting over keeps the previous attempt aside instead of deleting it.
+    _run_single(tmp_path, data_cache, "--stop-at", "2", "--no-resume")
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("one.replaced-")]
+    assert len(aside) == 1 and (aside[0] / "checkpoints").is_dir()
+    assert sorted(_losses(run)) == [1, 2]
