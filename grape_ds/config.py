@@ -330,6 +330,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             if names is not None and part not in names:
                 raise ConfigError(f"--set {key}: unknown key {here}" + _did_you_mean(part, names))
             if i == len(parts) - 1:
+                if value is not None and _is_str_field(cls, part):
+                    value = text.strip()  # keep "off", "1e3", "yes" as written for string keys
+                    if len(value) > 1 and value[0] == value[-1] and value[0] in "'\"":
+                        value = value[1:-1]
                 node[part] = value
                 break
             if not isinstance(node.get(part), dict):
@@ -339,6 +343,14 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             node = node[part]
             cls = _section_class(cls, part)
     return raw
+
+
+def _is_str_field(cls: Any, name: str) -> bool:
+    if not dataclasses.is_dataclass(cls):
+        return False
+    tp = typing.get_type_hints(cls).get(name)
+    return tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType)
+                         and set(typing.get_args(tp)) == {str, type(None)})
 
 
 def _section_class(cls: Any, name: str) -> Any:

@@ -278,11 +278,16 @@ class MixtureController:
                 "z": self.z.tolist(), "z_avg": self.z_avg.tolist(), "rounds": self.rounds,
                 "skipped_rounds": self.skipped, "history": self.history}
 
-    def state_dict(self) -> dict:
-        return {"method": self.method, "domains": self.domains, "tasks": self.tasks,
-                "alpha": self.alpha.tolist(), "z": self.z.tolist(), "ema": self.ema,
-                "alpha_sum": self.alpha_sum.tolist(), "z_sum": self.z_sum.tolist(),
-                "rounds": self.rounds, "skipped": self.skipped, "history": self.history}
+    def state_dict(self, history: bool = True) -> dict:
+        """The whole state (JSON-serialisable). ``history=False`` leaves out the per-round history,
+        which is what the broadcast to other ranks needs (only rank 0 writes it out)."""
+        state = {"method": self.method, "domains": self.domains, "tasks": self.tasks,
+                 "alpha": self.alpha.tolist(), "z": self.z.tolist(), "ema": self.ema,
+                 "alpha_sum": self.alpha_sum.tolist(), "z_sum": self.z_sum.tolist(),
+                 "rounds": self.rounds, "skipped": self.skipped}
+        if history:
+            state["history"] = self.history
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if state["domains"] != self.domains or state["tasks"] != self.tasks:
@@ -293,4 +298,5 @@ class MixtureController:
         self.alpha, self.z = np.asarray(state["alpha"]), np.asarray(state["z"])
         self.alpha_sum, self.z_sum = np.asarray(state["alpha_sum"]), np.asarray(state["z_sum"])
         self.ema, self.rounds, self.skipped = state.get("ema"), int(state["rounds"]), int(state.get("skipped", 0))
-        self.history = list(state["history"])
+        if "history" in state:
+            self.history = list(state["history"])

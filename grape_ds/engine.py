@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import warnings
 
 import deepspeed
 import torch
@@ -20,6 +21,9 @@ from grape_ds.schedules import lr_multiplier_fn
 __all__ = ["init_distributed", "build_engine"]
 
 log = logging.getLogger(__name__)
+
+# DeepSpeed's ZeRO-2 calls a torch collective that torch deprecates; the warning repeats every step.
+warnings.filterwarnings("ignore", category=FutureWarning, message=r".*all_gather_into_tensor.* is deprecated")
 
 
 def init_distributed(timeout_minutes: float) -> None:

@@ -220,7 +220,7 @@ def run_mixture_round(run: Run, step: int) -> None:
         stats = None
     if run.rank == 0:
         run.controller.round(step, stats)
-    run.controller.load_state_dict(broadcast_object(run.controller.state_dict()))
+    run.controller.load_state_dict(broadcast_object(run.controller.state_dict(history=False)))
     run.sampler.set_weights(run.controller.alpha)
     if stats is not None:
         log_round(run, step, stats)

@@ -124,3 +124,9 @@ def test_inband_probe_needs_domain_pure_batches():
     with pytest.raises(ConfigError, match="probe.domains: inband domain gradients need mixture.batch=domain_pure"):
         _load("mixture.method=grape", "mixture.every=10", "mixture.batch=mixed")
     assert _load("mixture.method=grape", "mixture.every=10", "mixture.batch=mixed", "probe.domains=probe")
+
+
+def test_string_overrides_keep_their_text():
+    cfg = _load("logging.run_name=off", "data.tokenizer.name=null")
+    assert cfg.logging.run_name == "off" and cfg.data.tokenizer.name is None
+    assert _load("logging.run_name='123'").logging.run_name == "123"
