@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -271,9 +272,33 @@ def write_mixture_json(run: Run) -> None:
         os.replace(tmp, path)
 
 
-def train(run: Run, stop_at: int | None = None) -> dict:
-    """Train to ``train.max_steps`` (or to ``stop_at``, saving a checkpoint there)."""
+class StopRequest:
+    """SIGTERM / SIGUSR1 (preemption, or SLURM's warning before the time limit) ask the loop to save a
+    checkpoint at the next step boundary and exit cleanly; the same command later resumes."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.requested: int | None = None
+
+    def install(self) -> "StopRequest":
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = signum
+
+    @property
+    def name(self) -> str | None:
+        return signal.Signals(self.requested).name if self.requested is not None else None
+
+
+def train(run: Run, stop_at: int | None = None, stop: StopRequest | None = None) -> dict:
+    """Train to ``train.max_steps`` (or to ``stop_at``, or until a stop is requested), saving a
+    checkpoint where it ends."""
     cfg, engine, st = run.cfg, run.engine, run.state
+    stop = stop or StopRequest()
     gas = cfg.train.gradient_accumulation_steps
     tokens_per_step = cfg.train.micro_batch_size * gas * run.world_size * cfg.data.seq_len
     last = min(stop_at if stop_at is not None else cfg.train.max_steps, cfg.train.max_steps)
@@ -286,7 +311,8 @@ def train(run: Run, stop_at: int | None = None) -> dict:
     while st.step < last:
         lr = engine.get_lr()[0]
         inband = inband_due(run, st.step + 1)
-        loss_sum = torch.zeros(2, dtype=torch.float64)  # [loss sum over micro-batches, micro-batches]
+        # [loss sum over micro-batches, micro-batches, stop requested]: one all_reduce per step
+        loss_sum = torch.zeros(3, dtype=torch.float64)
         for micro in range(gas):
             draw = run.sampler.draw(st.step, micro)
             if trace is not None:
@@ -301,11 +327,12 @@ def train(run: Run, stop_at: int | None = None) -> dict:
             else:
                 engine.backward(loss)
             engine.step()
-            loss_sum += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
+            loss_sum += torch.tensor([loss.item(), 1.0, 0.0], dtype=torch.float64)
         st.step += 1
         st.tokens += tokens_per_step
         window_tokens += tokens_per_step
-        loss_mean = all_reduce_sum(loss_sum)
+        loss_sum[2] = float(stop.requested is not None)
+        loss_mean = all_reduce_sum(loss_sum)  # every rank learns whether any rank was signalled
         step_loss = (loss_mean[0] / loss_mean[1]).item()
         run.monitor.record(st.step, {"loss": step_loss, "lr": lr, "tokens": st.tokens, "time": time.time()})
         if not np.isfinite(step_loss):
@@ -327,6 +354,10 @@ def train(run: Run, stop_at: int | None = None) -> dict:
             run.evaluator.run(engine.module, st.step, run.monitor)
         if run.checkpointer.due(st.step):
             save_checkpoint(run)
+        if loss_mean[2] > 0:  # preemption: all ranks stop at this same step boundary
+            log.warning("stop requested (%s): saving a checkpoint at step %d and exiting",
+                        stop.name or "signal on another rank", st.step)
+            break
 
     if trace is not None:
         trace.close()
@@ -379,8 +410,9 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"grape-ds: config error: {exc}", file=sys.stderr)
         return 2
+    stop = StopRequest().install()
     run = build_run(cfg, resume=not args.no_resume)
-    train(run, stop_at=args.stop_at)
+    train(run, stop_at=args.stop_at, stop=stop)
     if run.rank == 0:
         print(_final_message(cfg, run.state.step >= cfg.train.max_steps), flush=True)
     return 0
