@@ -27,7 +27,7 @@ __all__ = [
     "ConfigError", "Config", "ModelConfig", "DataConfig", "SourceConfig", "UnitConfig",
     "TokenizerConfig", "PlantedConfig", "MixtureConfig", "ProbeConfig", "TrainConfig", "DeepSpeedSection",
     "EvalConfig", "CheckpointConfig", "LoggingConfig", "load_config", "apply_overrides",
-    "config_to_dict", "SCHEDULES", "METHODS", "SOURCE_TYPES", "BATCH_MODES",
+    "config_to_dict", "SCHEDULES", "METHODS", "SOURCE_TYPES", "CORPUS_TYPES", "BENCHMARKS", "BATCH_MODES",
 ]
 
 SCHEDULES = ("linear_warmup_cosine", "linear_warmup_exponential", "linear_warmup_decay")
@@ -37,7 +37,13 @@ METHODS = ("static", "grape", "grape_ema", "grape_gap", "doge")
 FORMS = ("research", "alignment")
 ESTIMATORS = ("sketch", "exact")
 DOMAIN_SOURCES = ("inband", "probe")
-SOURCE_TYPES = ("jsonl", "text", "parquet", "disk", "hub")
+# Generic sources, the public corpora's adapters (grape_ds.data.corpora) and target benchmarks
+# (grape_ds.data.benchmarks).
+SOURCE_TYPES = ("jsonl", "text", "parquet", "disk", "hub", "climblab", "slimpajama", "wiki40b", "benchmark")
+CORPUS_TYPES = ("climblab", "slimpajama", "wiki40b")
+# Target benchmarks (grape_ds.data.benchmarks.BENCHMARKS holds their specs; a test keeps the lists equal).
+BENCHMARKS = ("logiqa", "arc_easy", "arc_challenge", "piqa", "hellaswag", "sciq", "humaneval", "kodcode",
+              "gsm8k", "mathqa", "medqa")
 BATCH_MODES = ("domain_pure", "mixed")
 
 
@@ -62,12 +68,19 @@ class ModelConfig:
 @dataclass
 class SourceConfig:
     type: str = "jsonl"         # one of SOURCE_TYPES
-    path: str | None = None     # file, folder or glob (jsonl/text/parquet/disk)
-    field: str = "text"         # column/key holding the document text
-    hub_id: str | None = None   # for type=hub: the id passed to datasets.load_dataset
-    hub_config: str | None = None  # for type=hub: the data set's config name
-    split: str = "train"        # for type=hub / disk (DatasetDict): which split
-    revision: str | None = None  # for type=hub: git revision
+    path: str | None = None     # file, folder or glob (jsonl/text/parquet/disk); for a corpus or
+                                # benchmark: a local copy (folder of the hub's files) used instead of the hub
+    field: str = "text"         # column/key holding the document text (generic types)
+    hub_id: str | None = None   # type=hub: the id passed to datasets.load_dataset; corpus/benchmark:
+                                # overrides the default id (null: the public one)
+    hub_config: str | None = None  # type=hub: the data set's config name
+    split: str = "train"        # hub / disk (DatasetDict) / corpus / benchmark: which split
+    revision: str | None = None  # hub, corpus, benchmark: git revision
+    subset: str | int | None = None  # corpus: ClimbLab cluster id (1-20), SlimPajama redpajama_set_name,
+                                # Wiki40B language code
+    benchmark: str | None = None  # type=benchmark: one of BENCHMARKS
+    eval_split: str | None = None  # type=benchmark: split scored for accuracy in evaluation; must differ
+                                   # from `split`, which drives the task weights (null: the benchmark's default)
 
 
 @dataclass
@@ -159,6 +172,7 @@ class EvalConfig:
     every: int = 0              # per-domain validation sweep every this many steps (<= 0: only at the end)
     batch_size: int = 16        # sequences per evaluation forward
     max_windows: int | None = None  # cap on validation windows swept per domain (null: all)
+    max_items: int | None = None  # cap on multiple-choice items scored per benchmark task (null: all)
 
 
 @dataclass
@@ -484,6 +498,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         _require(t.lr != t.lr_end, "train.lr_end: linear_warmup_exponential needs lr_end != lr")
     # eval / checkpoint / logging
     _require(cfg.eval.batch_size > 0, "eval.batch_size: must be > 0")
+    _require(cfg.eval.max_items is None or cfg.eval.max_items > 0, "eval.max_items: must be > 0 (or null)")
     _require(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last: must be >= 1")
     _require(cfg.logging.every > 0, "logging.every: must be > 0")
     _require(bool(cfg.logging.run_name) and "/" not in cfg.logging.run_name,
@@ -501,6 +516,21 @@ def _existing_path(p: str, key: str) -> str:
 
 def _validate_source(src: SourceConfig, key: str) -> None:
     _require(src.type in SOURCE_TYPES, f"{key}.type: unknown source type {src.type!r}; choose from {list(SOURCE_TYPES)}")
+    if src.type in CORPUS_TYPES:
+        _require(src.subset is not None and str(src.subset) != "",
+                 f"{key}.subset: a {src.type} source needs a subset (ClimbLab cluster id, SlimPajama "
+                 "set name or Wiki40B language)")
+        src.subset = str(src.subset)
+    if src.type == "benchmark":
+        _require(src.benchmark in BENCHMARKS,
+                 f"{key}.benchmark: unknown benchmark {src.benchmark!r}; choose from {list(BENCHMARKS)}")
+        _require(src.eval_split is None or src.eval_split != src.split,
+                 f"{key}.eval_split: {src.eval_split!r} is also the split that drives the task weights; "
+                 "evaluate on a different split")
+    if src.type in CORPUS_TYPES or src.type == "benchmark":
+        if src.path:  # a local copy instead of the hub
+            src.path = _existing_path(src.path, f"{key}.path")
+        return
     if src.type == "hub":
         _require(bool(src.hub_id), f"{key}.hub_id: a hub source needs a data set id")
         return

@@ -8,9 +8,13 @@ test with its rank and exit code.
 
 from __future__ import annotations
 
+import io
 import os
+import queue as queue_mod
 import socket
 import traceback
+
+import torch
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -28,7 +32,11 @@ def _entry(rank, world_size, port, fn, args, queue):
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         try:
-            queue.put((rank, "ok", fn(rank, world_size, *args)))
+            # Results travel as bytes: a tensor sent as-is is shared memory that vanishes when this
+            # process exits, possibly before the parent has read it.
+            buf = io.BytesIO()
+            torch.save(fn(rank, world_size, *args), buf)
+            queue.put((rank, "ok", buf.getvalue()))
         finally:
             dist.destroy_process_group()
     except BaseException:
@@ -49,10 +57,10 @@ def run_distributed(fn, world_size: int = 2, args: tuple = (), timeout: float = 
         for _ in range(world_size):
             rank, status, value = queue.get(timeout=timeout)
             if status == "ok":
-                results[rank] = value
+                results[rank] = torch.load(io.BytesIO(value), weights_only=False)
             else:
                 errors.append(f"rank {rank} raised:\n{value}")
-    except Exception:
+    except queue_mod.Empty:
         errors.append(f"timed out after {timeout}s waiting for ranks {sorted(set(range(world_size)) - set(results))}")
     for r, p in enumerate(procs):
         p.join(timeout=10)
