@@ -9,13 +9,75 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["get_rank", "get_world_size", "get_local_rank", "is_main", "setup_logging", "barrier",
+__all__ = ["LaunchError", "is_local_address", "port_in_use", "check_port_free", "adopt_slurm_env", "get_rank", "get_world_size", "get_local_rank", "is_main", "setup_logging", "barrier",
            "broadcast_object", "all_reduce_sum"]
+
+
+LOCAL_NAMES = {"localhost", "127.0.0.1", "::1"}
+
+
+class LaunchError(RuntimeError):
+    """A launch that cannot work as given; the message names the host, port or file and the fix."""
+
+
+def is_local_address(addr: str) -> bool:
+    """Whether ``addr`` names this machine (loopback, its host name, or one of its addresses)."""
+    if addr in LOCAL_NAMES or addr in {socket.gethostname(), socket.gethostname().split(".")[0]}:
+        return True
+    try:
+        ip = socket.gethostbyname(addr)
+    except OSError:
+        return False
+    if ip.startswith("127."):
+        return True
+    try:
+        return ip in socket.gethostbyname_ex(socket.gethostname())[2]
+    except OSError:
+        return False
+
+
+def port_in_use(addr: str, port: int) -> bool:
+    """Whether ``port`` is taken on this machine (``addr`` local) or answers on a remote ``addr``."""
+    if is_local_address(addr):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            # like the store that will listen there: connections of an earlier run lingering in
+            # TIME_WAIT do not count, a socket listening on the port does
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("", port))
+            except OSError:
+                return True
+        return False
+    try:
+        with socket.create_connection((addr, port), timeout=3):
+            return True
+    except OSError:
+        return False
+
+
+def check_port_free(addr: str, port: int, how_to_change: str) -> None:
+    if not 0 < port < 65536:
+        raise LaunchError(f"master port {port} is not a TCP port (1-65535)")
+    if port_in_use(addr, port):
+        raise LaunchError(f"master port {port} on {addr} is already in use (another job, or a previous run "
+                          f"that is still alive); {how_to_change}")
+
+
+def adopt_slurm_env() -> None:
+    """Under ``srun`` with one task per rank and no launcher, take ``RANK``, ``LOCAL_RANK`` and
+    ``WORLD_SIZE`` from SLURM's ``SLURM_PROCID``, ``SLURM_LOCALID`` and ``SLURM_NTASKS``. Variables a
+    launcher already set win."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ or "SLURM_STEP_ID" not in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    os.environ["WORLD_SIZE"] = os.environ.get("SLURM_NTASKS", "1")
 
 
 def get_rank() -> int:

@@ -16,6 +16,7 @@ import deepspeed
 import torch
 
 from grape_ds.config import Config
+from grape_ds.distributed import check_port_free
 from grape_ds.schedules import lr_multiplier_fn
 
 __all__ = ["init_distributed", "build_engine"]
@@ -39,6 +40,11 @@ def init_distributed(timeout_minutes: float) -> None:
         with socket.socket() as s:  # a free port for a single-process run
             s.bind(("127.0.0.1", 0))
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    elif os.environ["RANK"] == "0" and "TORCHELASTIC_RUN_ID" not in os.environ:
+        # rank 0 will listen on MASTER_PORT: a taken port would otherwise leave the other ranks
+        # waiting for it until the timeout
+        check_port_free(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                        "pass another --master_port to the launcher (or set MASTER_PORT)")
     deepspeed.init_distributed(timeout=datetime.timedelta(minutes=timeout_minutes))
 
 

@@ -31,8 +31,8 @@ from grape_ds.config import Config, ConfigError, config_to_dict, load_config
 from grape_ds.controller import MethodParams, MixtureController, RoundStats
 from grape_ds.data import MixtureSampler, PackedData, prepare_data
 from grape_ds.data.sampler import probe_windows
-from grape_ds.distributed import (all_reduce_sum, barrier, broadcast_object, get_local_rank, get_rank,
-                                  get_world_size, setup_logging)
+from grape_ds.distributed import (adopt_slurm_env, all_reduce_sum, barrier, broadcast_object,
+                                  get_local_rank, get_rank, get_world_size, setup_logging)
 from grape_ds.evaluation import Evaluator
 from grape_ds.model import build_model
 from grape_ds.monitor import build_monitor, truncate_jsonl
@@ -402,9 +402,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def write_status(run: Run, stop: StopRequest, stop_at: int | None) -> None:
+    """``<run>/status.json`` (rank 0): whether the run finished or stopped early, and why. Launchers
+    read it to decide whether to requeue."""
+    if run.rank != 0:
+        return
+    finished = run.state.step >= run.cfg.train.max_steps
+    reason = None if finished else (stop.name or (f"--stop-at {stop_at}" if stop_at is not None
+                                                  else "a stop requested on another rank"))
+    path = run.cfg.run_dir / "status.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"state": "finished" if finished else "stopped", "step": run.state.step,
+                               "max_steps": run.cfg.train.max_steps, "reason": reason,
+                               "time": time.time()}) + "\n")
+    os.replace(tmp, path)
+
+
+def _collective_failure(exc: BaseException) -> bool:
+    """An error from the process group: a peer died, or a collective outlived the timeout."""
+    import torch.distributed as dist
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(
+        k in text for k in ("gloo", "nccl", "connection closed", "connection reset", "timed out", "timeout"))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging()
+    adopt_slurm_env()
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
@@ -412,7 +439,24 @@ def main(argv=None) -> int:
         return 2
     stop = StopRequest().install()
     run = build_run(cfg, resume=not args.no_resume)
-    train(run, stop_at=args.stop_at, stop=stop)
+    try:
+        train(run, stop_at=args.stop_at, stop=stop)
+    except Exception as exc:
+        if not _collective_failure(exc):
+            raise
+        # A dead or stuck rank: say so plainly and leave at once; tearing down a broken process group
+        # can block, and the launcher (deepspeed, srun --kill-on-bad-exit) ends the other ranks.
+        saved = run.checkpointer.last_saved
+        log.error("rank %d: a collective failed at step %d: another rank died or did not answer within "
+                  "deepspeed.timeout_minutes=%g. The job stops; run the same command again to resume from "
+                  "the newest complete checkpoint%s. (%s: %s)", run.rank, run.state.step,
+                  cfg.deepspeed.timeout_minutes, f" (step {saved})" if saved else "",
+                  type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(3)
+    write_status(run, stop, args.stop_at)
     if run.rank == 0:
         print(_final_message(cfg, run.state.step >= cfg.train.max_steps), flush=True)
     return 0
