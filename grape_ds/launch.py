@@ -267,6 +267,7 @@ def launch_slurm(args: argparse.Namespace) -> int:
         train = shlex.join([sys.executable, "-m", "grape_ds.train", "--config", args.config,
                             *itertools.chain.from_iterable(("--set", s) for s in args.sets)])
         cmd = ["srun", "--kill-on-bad-exit=1", f"--nodes={len(hosts)}", f"--ntasks-per-node={per_node}",
+               "--open-mode=append",  # a requeued job keeps the earlier attempts' logs
                f"--output={logs}/job%j-rank%t.log", "bash", "-c", f"export {rank_env}; exec {train}"]
         hostfile = None
     else:

@@ -75,7 +75,7 @@ def test_multi_node_dry_run_srun(n, tmp_path):
     assert f"{n} node(s) x 8 rank(s) = {8 * n}, master node01:24242, mode srun" in out
     assert _section(out, "environment")[:2] == ["export MASTER_ADDR=node01", "export MASTER_PORT=24242"]
     (cmd,) = _section(out, "commands")
-    assert cmd.startswith(f"srun --kill-on-bad-exit=1 --nodes={n} --ntasks-per-node=8 "
+    assert cmd.startswith(f"srun --kill-on-bad-exit=1 --nodes={n} --ntasks-per-node=8 --open-mode=append "
                           f"--output={tmp_path}/demo/slurm/job%j-rank%t.log bash -c ")
     assert "export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS; exec " in cmd
     assert "-m grape_ds.train --config yaml_configs/demo.yaml --set logging.output_dir=" in cmd
