@@ -13,16 +13,22 @@ result lives in
         tokenizer/                    save_pretrained folder of the tokenizer used
         <unit>.train.bin, <unit>.val.bin   raw uint16 (uint32 for vocabularies > 65535) token ids
 
+Units of a corpus stored as GPT-2 token ids (ClimbLab) need ``data.tokenizer.name`` to be a GPT-2
+tokenizer (vocabulary 50257, end-of-text id 50256); anything else is an error before packing starts.
+A unit stops reading its source as soon as the token cap is reached, so a cap on a huge streamed
+corpus reads only what it keeps. The local rank that packs shows a progress bar per unit.
+
 The content hash covers the format version, every source (type, resolved path, and every file's
-path, size and mtime; hub id/config/split/revision), the planted config, the tokenizer identity,
-``seq_len``, ``val_fraction`` and the token cap, so a folder is built once and reused until any of
-those change. Local rank 0 builds it in a temporary sibling folder and renames it into place; the other
-local ranks wait for its ``manifest.json``. A build that is killed can leave a ``.<hash>.tmp-*``
-folder behind; it is never read and can be deleted.
+path, size and mtime; hub id/config/split/revision; corpus subset; benchmark name), the planted
+config, the tokenizer identity, ``seq_len``, ``val_fraction`` and the token cap, so a folder is built
+once and reused until any of those change. Local rank 0 builds it in a temporary sibling folder and
+renames it into place; the other local ranks wait for its ``manifest.json``. A build that is killed
+can leave a ``.<hash>.tmp-*`` folder behind; it is never read and can be deleted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -41,8 +47,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from grape_ds.config import DataConfig, SourceConfig
-from grape_ds.data import planted
+from grape_ds.config import CORPUS_TYPES, DataConfig, SourceConfig
+from grape_ds.data import corpora, planted
 from grape_ds.data.sources import Document, iter_documents, source_files
 from grape_ds.data.tokenizer import MAX_TRAIN_CHARS, load_or_train_tokenizer
 
@@ -222,6 +228,10 @@ def _source_spec(src: SourceConfig) -> dict:
     if src.type == "hub":
         spec: dict[str, Any] = {"type": "hub", "hub_id": src.hub_id, "hub_config": src.hub_config,
                                 "split": src.split, "revision": src.revision, "field": src.field}
+    elif src.type in CORPUS_TYPES or src.type == "benchmark":
+        spec = {"type": src.type, "path": os.path.abspath(src.path) if src.path else None,
+                "hub_id": src.hub_id, "hub_config": src.hub_config, "split": src.split,
+                "revision": src.revision, "subset": src.subset, "benchmark": src.benchmark}
     else:
         spec = {"type": src.type, "path": os.path.abspath(src.path or ""), "field": src.field}
         if src.type == "disk":
@@ -302,10 +312,12 @@ def _build(cfg: DataConfig, units: list[_Unit], identity: dict, digest: str, roo
 
         tok_id = identity["tokenizer"]
         fingerprint = f"bpe{tok_id.get('bpe_vocab_size')}-{tok_id.get('training_text')}"
+        _check_gpt2_id_units(units, cfg.tokenizer.name)
         tokenizer, eot_id = load_or_train_tokenizer(
             cfg.tokenizer, lambda: _bpe_training_texts(units, documents), cache_dir, fingerprint)
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
         vocab_size = len(tokenizer)
+        _check_gpt2_id_units(units, cfg.tokenizer.name, (vocab_size, eot_id))
         dtype = np.dtype(np.uint16 if vocab_size <= 65535 else np.uint32)
         encode = _encoder(tokenizer, eot_id, vocab_size, allow_ids=cfg.tokenizer.name is not None)
         entries: dict[str, dict] = {}
@@ -333,6 +345,26 @@ def _build(cfg: DataConfig, units: list[_Unit], identity: dict, digest: str, roo
             log.info("another process packed %s first; using its copy", root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_gpt2_id_units(units: list[_Unit], tokenizer_name: str | None,
+                         vocab_and_eot: tuple[int, int] | None = None) -> None:
+    """Units of a corpus stored as GPT-2 ids (ClimbLab) need a GPT-2 tokenizer: a named one (not a BPE
+    trained here) and, once it is loaded, one with GPT-2's vocabulary size and end-of-text id."""
+    gpt2 = (corpora.GPT2_VOCAB_SIZE, corpora.GPT2_EOT_ID)
+    for unit in units:
+        if unit.source is None or unit.source.type not in corpora.TOKEN_ID_CORPORA:
+            continue
+        advice = ("set data.tokenizer.name to gpt2 (or a local folder holding GPT-2's tokenizer, e.g. one "
+                  "written by AutoTokenizer.from_pretrained('gpt2').save_pretrained(<folder>))")
+        if tokenizer_name is None:
+            raise ValueError(f"unit {unit.name!r} ({unit.source.type}) holds GPT-2 token ids, which are packed "
+                             f"as they are, so the tokenizer must be GPT-2's, not a BPE trained here: {advice}")
+        if vocab_and_eot is not None and vocab_and_eot != gpt2:
+            raise ValueError(
+                f"unit {unit.name!r} ({unit.source.type}) holds GPT-2 token ids (vocabulary {gpt2[0]}, "
+                f"end-of-text id {gpt2[1]}), but data.tokenizer.name={tokenizer_name!r} has vocabulary "
+                f"{vocab_and_eot[0]} and end-of-text id {vocab_and_eot[1]}: {advice}")
 
 
 def _bpe_training_texts(units: list[_Unit],
@@ -395,6 +427,11 @@ def _encoder(tokenizer, eot_id: int, vocab_size: int, allow_ids: bool) -> _Encod
     return encode
 
 
+def _closable(docs: Iterator[Document]) -> Iterator[Document]:
+    """``docs`` as a generator, so that stopping early (at the token cap) closes the files it reads."""
+    yield from docs
+
+
 def _batches(docs: Iterator[Document], size: int) -> Iterator[list[Document]]:
     batch: list[Document] = []
     for doc in docs:
@@ -412,9 +449,9 @@ def _pack_unit(unit: _Unit, docs: Iterator[Document], encode: _Encode, dtype: np
     seq_len, cap = cfg.seq_len, cfg.max_tokens_per_domain
     train_path, val_path = folder / f"{stem}.train.bin", folder / f"{stem}.val.bin"
     n_tokens = n_docs = 0
-    with open(train_path, "wb") as f, tqdm(total=cap, unit="tok", unit_scale=True,
-                                           desc=f"packing {unit.name}") as bar:
-        for batch in _batches(docs, TOKENIZE_BATCH_DOCS):
+    with open(train_path, "wb") as f, contextlib.closing(_closable(docs)) as stream, \
+            tqdm(total=cap, unit="tok", unit_scale=True, desc=f"packing {unit.name}") as bar:
+        for batch in _batches(stream, TOKENIZE_BATCH_DOCS):
             ids, lengths = encode(batch, unit.name)  # [tokens], [docs]
             if cap is not None and n_tokens + len(ids) >= cap:
                 keep = cap - n_tokens

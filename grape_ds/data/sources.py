@@ -1,9 +1,15 @@
-"""Where documents come from: JSONL, plain text, Parquet, ``save_to_disk`` folders and the HF hub.
+"""Where documents come from: JSONL, plain text, Parquet, ``save_to_disk`` folders, the HF hub, the
+public corpora (ClimbLab, SlimPajama, Wiki40B: :mod:`~grape_ds.data.corpora`) and the target
+benchmarks (:mod:`~grape_ds.data.benchmarks`).
 
 :func:`iter_documents` streams one source's documents, one at a time, never loading a whole corpus
 into memory. A document is either text (``str``) or, for pre-tokenised corpora such as ClimbLab (GPT-2
 ids), a ``list[int]`` of token ids that is passed through unchanged. :func:`source_files` lists the
 files a local source reads, so that packed data can be keyed on their paths, sizes and mtimes.
+
+The record readers (:func:`iter_parquet_rows`, :func:`iter_json_records`, :func:`open_text`) and
+:func:`hub_records` (one split of a hub data set, streamed, failing within seconds when offline) are
+shared with the corpus and benchmark adapters.
 """
 
 from __future__ import annotations
@@ -14,14 +20,15 @@ import gzip
 import io
 import json
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlparse
 
-from grape_ds.config import SourceConfig
+from grape_ds.config import CORPUS_TYPES, SourceConfig
 
-__all__ = ["Document", "iter_documents", "source_files", "SUFFIXES"]
+__all__ = ["Document", "iter_documents", "source_files", "SUFFIXES", "hub_records", "iter_parquet_rows",
+           "iter_json_records", "open_text", "missing_field"]
 
 Document = str | list[int]
 
@@ -43,19 +50,25 @@ def iter_documents(src: SourceConfig) -> Iterator[Document]:
     """Stream the documents of one source.
 
     Args:
-        src: the source: ``type`` is one of ``jsonl``, ``text``, ``parquet``, ``disk``, ``hub``.
+        src: the source: ``type`` is one of ``jsonl``, ``text``, ``parquet``, ``disk``, ``hub``, a
+            corpus (``climblab``, ``slimpajama``, ``wiki40b``: one domain of it, chosen by
+            ``subset``) or ``benchmark`` (the LM text, question and gold answer, of ``src.split``).
 
     Yields:
         Each document: a string, or a list of token ids for pre-tokenised data.
 
     Raises:
         ValueError: the field/column ``src.field`` is missing (the message names the file and the
-            fields that exist), a value is neither text nor a list of ints, or the type is unknown.
+            fields that exist), a value is neither text nor a list of ints, the type is unknown, or a
+            corpus subset / benchmark split does not exist (the message names the valid ones).
         FileNotFoundError: the path matches no file.
         RuntimeError: a hub data set cannot be loaded (e.g. offline, or it does not exist).
     """
+    from grape_ds.data import benchmarks, corpora
+
     readers = {"jsonl": _iter_jsonl, "text": _iter_text, "parquet": _iter_parquet,
-               "disk": _iter_disk, "hub": _iter_hub}
+               "disk": _iter_disk, "hub": _iter_hub, "benchmark": benchmarks.iter_lm_texts}
+    readers |= dict.fromkeys(CORPUS_TYPES, corpora.iter_corpus)
     if src.type not in readers:
         raise ValueError(f"unknown source type {src.type!r}; choose from {sorted(readers)}")
     return readers[src.type](src)
@@ -64,11 +77,18 @@ def iter_documents(src: SourceConfig) -> Iterator[Document]:
 def source_files(src: SourceConfig) -> list[Path]:
     """The files a local source reads, sorted (for ``disk``: every file of the saved folder).
 
-    For a ``hub`` source this is empty unless ``hub_id`` names a local folder or file.
+    For a ``hub`` source this is empty unless ``hub_id`` names a local folder or file; for a corpus or
+    benchmark it is the files of the local copy it reads (empty when it is read from the hub).
 
     Raises:
         FileNotFoundError: the path matches no file.
     """
+    from grape_ds.data import benchmarks, corpora
+
+    if src.type in CORPUS_TYPES:
+        return corpora.corpus_files(src)
+    if src.type == "benchmark":
+        return benchmarks.benchmark_files(src)
     if src.type == "hub":
         local = Path(src.hub_id or "")
         if src.hub_id and local.exists():
@@ -103,7 +123,7 @@ def _match_files(path: str, suffixes: tuple[str, ...], kind: str) -> list[Path]:
 
 
 @contextlib.contextmanager
-def _open_text(path: Path) -> Iterator[IO[str]]:
+def open_text(path: Path) -> Iterator[IO[str]]:
     """Open a possibly compressed (.gz, .zst) file as UTF-8 text."""
     if path.name.endswith(".gz"):
         with gzip.open(path, "rt", encoding="utf-8") as f:
@@ -120,6 +140,59 @@ def _open_text(path: Path) -> Iterator[IO[str]]:
             yield f
 
 
+def iter_json_records(path: Path) -> Iterator[dict]:
+    """The records of a JSON-lines file (``.jsonl``, ``.jsonl.gz``, ``.jsonl.zst``, streamed line by
+    line), or of a ``.json`` file holding either JSON lines or one array of objects.
+
+    Raises:
+        ValueError: a line is not valid JSON, or a record is not an object (the message names the line).
+    """
+    with open_text(path) as f:
+        if path.name.endswith(".json"):
+            text = f.read()
+            if text.lstrip().startswith("["):
+                yield from _objects(path, enumerate(json.loads(text), 1))
+                return
+            lines: Iterable[str] = text.splitlines()
+        else:
+            lines = f
+        yield from _objects(path, _parsed_lines(path, lines))
+
+
+def _parsed_lines(path: Path, lines: Iterable[str]) -> Iterator[tuple[int, Any]]:
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{number}: not valid JSON: {exc}") from None
+
+
+def _objects(path: Path, numbered: Iterable[tuple[int, Any]]) -> Iterator[dict]:
+    for number, record in numbered:
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+        yield record
+
+
+def iter_parquet_rows(path: Path, columns: list[str]) -> Iterator[dict]:
+    """The rows of a Parquet file (only ``columns``), read one row group at a time.
+
+    Raises:
+        ValueError: a column is missing (the message names the file and the columns it has).
+    """
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    names = pf.schema_arrow.names
+    for column in columns:
+        if column not in names:
+            raise missing_field(column, str(path), names, hint="")
+    for group in range(pf.num_row_groups):
+        yield from pf.read_row_group(group, columns=columns).to_pylist()
+
+
 def _check_value(value: Any, field: str, where: str) -> Document:
     """A document value must be text, or a list of ints (pre-tokenised ids)."""
     if isinstance(value, str):
@@ -130,33 +203,25 @@ def _check_value(value: Any, field: str, where: str) -> Document:
                      "expected text or a list of token ids")
 
 
-def _missing_field(field: str, where: str, present: list[str]) -> ValueError:
-    return ValueError(f"{where}: no field {field!r}; the fields present are {sorted(present)}. "
-                      f"Set the source's 'field' to one of them.")
+def missing_field(field: str, where: str, present: list[str],
+                  hint: str = "Set the source's 'field' to one of them.") -> ValueError:
+    """The error for a record or file without ``field``: it names the fields that are there."""
+    return ValueError(f"{where}: no field {field!r}; the fields present are {sorted(present)}. {hint}".rstrip())
 
 
 def _iter_jsonl(src: SourceConfig) -> Iterator[Document]:
     for path in source_files(src):
-        with _open_text(path) as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{where}: not valid JSON: {exc}") from None
-                if not isinstance(record, dict):
-                    raise ValueError(f"{where}: expected a JSON object per line, got {type(record).__name__}")
-                if src.field not in record:
-                    raise _missing_field(src.field, where, list(record))
-                yield _check_value(record[src.field], src.field, where)
+        for number, record in enumerate(iter_json_records(path), 1):
+            where = f"{path} (record {number})"
+            if src.field not in record:
+                raise missing_field(src.field, where, list(record))
+            yield _check_value(record[src.field], src.field, where)
 
 
 def _iter_text(src: SourceConfig) -> Iterator[Document]:
     """Plain text: documents are separated by one or more blank lines."""
     for path in source_files(src):
-        with _open_text(path) as f:
+        with open_text(path) as f:
             lines: list[str] = []
             for line in f:
                 if line.strip():
@@ -169,17 +234,9 @@ def _iter_text(src: SourceConfig) -> Iterator[Document]:
 
 
 def _iter_parquet(src: SourceConfig) -> Iterator[Document]:
-    import pyarrow.parquet as pq
-
     for path in source_files(src):
-        pf = pq.ParquetFile(path)
-        names = pf.schema_arrow.names
-        if src.field not in names:
-            raise _missing_field(src.field, str(path), names)
-        for group in range(pf.num_row_groups):
-            column = pf.read_row_group(group, columns=[src.field]).column(0)
-            for value in column.to_pylist():
-                yield _check_value(value, src.field, f"{path} (row group {group})")
+        for row in iter_parquet_rows(path, [src.field]):
+            yield _check_value(row[src.field], src.field, str(path))
 
 
 def _iter_disk(src: SourceConfig) -> Iterator[Document]:
@@ -196,11 +253,15 @@ def _iter_disk(src: SourceConfig) -> Iterator[Document]:
             raise ValueError(f"disk source {path}: no split {src.split!r}; the splits are {sorted(ds)}")
         ds = ds[src.split]
     if src.field not in ds.column_names:
-        raise _missing_field(src.field, str(path), ds.column_names)
+        raise missing_field(src.field, str(path), ds.column_names)
     for batch in ds.select_columns([src.field]).iter(batch_size=1000):
         for value in batch[src.field]:
             yield _check_value(value, src.field, str(path))
 
+
+# ----------------------------------------------------------------------------------------------
+# The hub
+# ----------------------------------------------------------------------------------------------
 
 def _hub_reachable() -> bool:
     """Whether the hub endpoint answers a TCP connection within a few seconds."""
@@ -232,37 +293,64 @@ def _offline_mode(enabled: bool) -> Iterator[None]:
         ds_config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
 
 
-def _hub_error(src: SourceConfig, exc: BaseException) -> RuntimeError:
-    what = src.hub_id + (f" (config {src.hub_config!r})" if src.hub_config else "")
-    return RuntimeError(
-        f"hub source: cannot load data set {what}, split {src.split!r}"
-        + (f", revision {src.revision!r}" if src.revision else "")
-        + f": {type(exc).__name__}: {exc}. Without network access, provide a local copy instead: "
-        "save it with datasets' save_to_disk and use 'type: disk, path: <folder>', or export it to "
-        "files and use 'type: jsonl' / 'type: parquet' with a 'path'.")
+def hub_records(hub_id: str, config: str | None, split: str, revision: str | None, *,
+                data_dir: str | None = None, advice: str) -> Iterator[dict]:
+    """Stream the records of one split of a data set on the hub (or in the local hub cache).
 
+    Without network access this fails within seconds instead of retrying for half a minute: a quick
+    probe of the hub endpoint puts ``datasets`` in offline mode, where only a cached copy loads.
 
-def _iter_hub(src: SourceConfig) -> Iterator[Document]:
+    Args:
+        hub_id: the data set's id (or a local folder ``datasets.load_dataset`` reads).
+        config: its config name, or None.
+        split: the split to stream.
+        revision: a git revision, or None for the default branch.
+        data_dir: a folder inside the repo to read instead of the whole repo (e.g. one ClimbLab cluster).
+        advice: what the user can do instead (how to provide a local copy); ends the error message.
+
+    Yields:
+        Each record (a dict from column name to value), in the data set's order.
+
+    Raises:
+        RuntimeError: the data set cannot be loaded; the message names the id, config, data_dir, split
+            and revision that were looked for, the loader's error, and ``advice``.
+    """
     import datasets
 
-    if not src.hub_id:
-        raise ValueError("a hub source needs a hub_id")
-    is_local = Path(src.hub_id).exists()
+    is_local = Path(hub_id).exists()
     # Offline, huggingface_hub retries for ~25 s before failing; a quick probe avoids that wait
     # while still letting a cached copy load.
     force_offline = not is_local and not datasets.config.HF_HUB_OFFLINE and not _hub_reachable()
     with _offline_mode(force_offline):
         try:
-            ds = datasets.load_dataset(src.hub_id, src.hub_config, split=src.split,
-                                       revision=src.revision, streaming=True)
+            ds = datasets.load_dataset(hub_id, config, data_dir=data_dir, split=split,
+                                       revision=revision, streaming=True)
             examples = iter(ds)
             first = next(examples, None)
         except Exception as exc:  # noqa: BLE001 - every loader failure gets the same advice
-            raise _hub_error(src, exc) from exc
+            where = hub_id + "".join(f", {k} {v!r}" for k, v in
+                                     (("config", config), ("data_dir", data_dir)) if v)
+            raise RuntimeError(
+                f"cannot load data set {where}, split {split!r}"
+                + (f", revision {revision!r}" if revision else "")
+                + f" from the hub ({type(exc).__name__}: {exc}). {advice}") from exc
     if first is None:
         return
-    if src.field not in first:
-        raise _missing_field(src.field, f"hub data set {src.hub_id!r}", list(first))
-    yield _check_value(first[src.field], src.field, src.hub_id)
-    for example in examples:
-        yield _check_value(example[src.field], src.field, src.hub_id)
+    yield first
+    yield from examples
+
+
+_HUB_SOURCE_ADVICE = ("Without network access, provide a local copy instead: save it with datasets' "
+                      "save_to_disk and use 'type: disk, path: <folder>', or export it to files and use "
+                      "'type: jsonl' / 'type: parquet' with a 'path'.")
+
+
+def _iter_hub(src: SourceConfig) -> Iterator[Document]:
+    if not src.hub_id:
+        raise ValueError("a hub source needs a hub_id")
+    where = f"hub data set {src.hub_id!r}"
+    for number, record in enumerate(hub_records(src.hub_id, src.hub_config, src.split, src.revision,
+                                                advice=_HUB_SOURCE_ADVICE)):
+        if number == 0 and src.field not in record:
+            raise missing_field(src.field, where, list(record))
+        yield _check_value(record[src.field], src.field, where)
