@@ -4,6 +4,8 @@
     grape-ds train --config CONFIG [...]                              one rank of a run (under a launcher)
     grape-ds ground-truth [--set k=v ...]                             the planted corpus's ground truth
     grape-ds bench {overhead,fidelity,planted} [...]                  the performance figures
+    grape-ds eval RUN_DIR [--step N] [...]                            evaluate a run's checkpoint (1 process)
+    grape-ds export RUN_DIR OUT_DIR [--step N] [--force]              a Hugging Face folder for lm_eval
 
 Multi-rank runs go through the DeepSpeed launcher:
 ``deepspeed --num_gpus 2 --module grape_ds.train --config CONFIG``.
@@ -14,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
+from pathlib import Path
 
 import yaml
 
@@ -49,6 +53,63 @@ def _ground_truth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _eval(args: argparse.Namespace) -> int:
+    """Evaluate one checkpoint of a run in this process; a JSON line to ``<run>/eval/eval_cli.jsonl``."""
+    from grape_ds.evaluation import Evaluator, append_jsonl, format_result, mc_items_for
+    from grape_ds.export import load_trained_run
+
+    run = load_trained_run(args.run_dir, args.step)
+    ev = run.cfg.eval
+    batch_size = args.batch_size if args.batch_size is not None else ev.batch_size
+    max_windows = args.max_windows if args.max_windows is not None else ev.max_windows
+    max_items = args.max_items if args.max_items is not None else ev.max_items
+    mc_items = mc_items_for(run.cfg.data, max_items)
+    evaluator = Evaluator(run.data, every=0, batch_size=batch_size, max_windows=max_windows, rank=0,
+                          world_size=1, run_dir=run.run_dir, mc_items=mc_items)
+    result = evaluator.evaluate(run.model, run.step)
+    result.update(checkpoint=run.tag, batch_size=batch_size, max_windows=max_windows, max_items=max_items,
+                  time=time.time())
+    path = run.run_dir / "eval" / "eval_cli.jsonl"
+    append_jsonl(path, result)
+    print(f"grape-ds eval: {run.run_dir}, checkpoint {run.tag} (step {run.step}), batch size {batch_size}, "
+          f"max windows {max_windows if max_windows is not None else 'all'}")
+    print(format_result(result))
+    if not evaluator.mc_items:
+        print("multiple-choice accuracy: skipped (no multiple-choice benchmark task in data.tasks)")
+    print(f"wrote {path}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    """Write a Hugging Face GPT-2 folder from one checkpoint of a run."""
+    from grape_ds.export import export_hf
+
+    run = export_hf(args.run_dir, args.out_dir, args.step, force=args.force)
+    print(f"grape-ds export: {run.run_dir}, checkpoint {run.tag} (step {run.step}) -> {args.out_dir}")
+    print(f"  lm_eval --model hf --model_args pretrained={args.out_dir} --tasks arc_easy --batch_size 16")
+    return 0
+
+
+def _run_command(fn, args: argparse.Namespace) -> int:
+    """Run ``eval`` / ``export``; a config or run-directory problem is one line on stderr, exit 2."""
+    from grape_ds.distributed import setup_logging
+    from grape_ds.export import RunDirError
+
+    setup_logging()
+    try:
+        return fn(args)
+    except (ConfigError, RunDirError) as exc:
+        print(f"grape-ds {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="grape-ds", description="Online multi-target data-mixture "
                                 "optimisation (GRAPE) on DeepSpeed.")
@@ -65,7 +126,26 @@ def main(argv=None) -> int:
     g = sub.add_parser("ground-truth", help="print the planted corpus's ground truth")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a data.planted key, e.g. num_domains=9")
+    e = sub.add_parser("eval", help="evaluate a run's checkpoint in one process (loss sweep, "
+                       "multiple-choice accuracy); appends to <run>/eval/eval_cli.jsonl")
+    e.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    e.add_argument("--step", type=int, default=None, help="the checkpoint's step (default: the newest complete)")
+    e.add_argument("--batch-size", type=_positive_int, default=None, help="sequences per forward (default: eval.batch_size)")
+    e.add_argument("--max-windows", type=_positive_int, default=None,
+                   help="validation windows swept per unit (default: eval.max_windows)")
+    e.add_argument("--max-items", type=_positive_int, default=None,
+                   help="multiple-choice items per benchmark task (default: eval.max_items)")
+    x = sub.add_parser("export", help="write a Hugging Face GPT-2 folder (model + tokenizer) from a "
+                       "run's checkpoint, e.g. for lm_eval")
+    x.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    x.add_argument("out_dir", type=Path, metavar="OUT_DIR")
+    x.add_argument("--step", type=int, default=None, help="the checkpoint's step (default: the newest complete)")
+    x.add_argument("--force", action="store_true", help="write into a non-empty OUT_DIR")
     args = p.parse_args(argv)
+    if args.command == "eval":
+        return _run_command(_eval, args)
+    if args.command == "export":
+        return _run_command(_export, args)
     if args.command == "check-config":
         return _check_config(args)
     if args.command == "train":

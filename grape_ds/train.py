@@ -33,7 +33,7 @@ from grape_ds.data import MixtureSampler, PackedData, prepare_data
 from grape_ds.data.sampler import probe_windows
 from grape_ds.distributed import (adopt_slurm_env, all_reduce_sum, barrier, broadcast_object,
                                   get_local_rank, get_rank, get_world_size, setup_logging)
-from grape_ds.evaluation import Evaluator
+from grape_ds.evaluation import Evaluator, mc_items_for
 from grape_ds.model import build_model
 from grape_ds.monitor import build_monitor, truncate_jsonl
 from grape_ds.probe import GradientProbe
@@ -142,7 +142,7 @@ def build_run(cfg: Config, resume: bool = True) -> Run:
         if state.step != engine.global_steps:
             raise RuntimeError(f"checkpoint step {state.step} != engine step {engine.global_steps}")
     evaluator = Evaluator(data, cfg.eval.every, cfg.eval.batch_size, cfg.eval.max_windows, rank,
-                          world_size, cfg.run_dir)
+                          world_size, cfg.run_dir, mc_items=mc_items_for(cfg.data, cfg.eval.max_items))
     if rank == 0:
         truncate_jsonl(evaluator.path, state.step)
     if cfg.logging.trace_batches:

@@ -1,5 +1,6 @@
 """Module boundaries (DESIGN.md, Layout): train.py is the one place that wires components together,
-only engine.py imports deepspeed, and the model knows nothing of ranks."""
+only engine.py imports deepspeed (and export.py, which merges ZeRO checkpoints offline with
+deepspeed.utils.zero_to_fp32), and the model knows nothing of ranks."""
 
 import ast
 from pathlib import Path
@@ -12,8 +13,13 @@ SHARED = {"grape_ds.config", "grape_ds.distributed", "grape_ds.schedules"}
 ALLOWED = {
     "grape_ds.train": "*",
     "grape_ds.bench": "*",
-    "grape_ds.cli": {"grape_ds.train", "grape_ds.bench", "grape_ds.data"},
+    "grape_ds.cli": {"grape_ds.train", "grape_ds.bench", "grape_ds.data", "grape_ds.evaluation",
+                     "grape_ds.export"},
     "grape_ds.data": {"grape_ds.data"},
+    # evaluation scores the data package's multiple-choice items; export reads a finished run back
+    # (its checkpoints, data and model) for `grape-ds eval` / `grape-ds export`.
+    "grape_ds.evaluation": {"grape_ds.data"},
+    "grape_ds.export": {"grape_ds.checkpoint", "grape_ds.data", "grape_ds.model"},
 }
 
 
@@ -55,8 +61,8 @@ def test_no_sideways_imports():
 
 
 def test_only_engine_imports_deepspeed():
-    users = [_module(p) for p in PKG.rglob("*.py") if any(i.split(".")[0] == "deepspeed" for i in _imports(p))]
-    assert users == ["grape_ds.engine"], users
+    users = {_module(p) for p in PKG.rglob("*.py") if any(i.split(".")[0] == "deepspeed" for i in _imports(p))}
+    assert users == {"grape_ds.engine", "grape_ds.export"}, users
 
 
 def test_model_is_rank_free():
