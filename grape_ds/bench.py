@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -50,8 +51,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_run(config: str, overrides: list[str], world_size: int = 2) -> Path:
-    """Train ``config`` with ``world_size`` ranks under the deepspeed launcher; returns the run dir."""
+def launch_run(config: str, overrides: list[str], world_size: int = 2, timeout_s: float = 1800) -> Path:
+    """Train ``config`` with ``world_size`` ranks under the deepspeed launcher; returns the run dir.
+    A run that outlives ``timeout_s`` is killed (with its ranks) and reported, never waited on forever."""
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(world_size),
            "--master_port", str(_free_port()), "--module", "grape_ds.train", "--config", config,
            "--no-resume"]
@@ -59,9 +61,17 @@ def launch_run(config: str, overrides: list[str], world_size: int = 2) -> Path:
         cmd += ["--set", o]
     env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise RuntimeError(f"bench run {' '.join(overrides)} did not finish in {timeout_s:g} s; killed. "
+                           f"Last output:\n{out[-4000:]}") from None
     if proc.returncode != 0:
-        raise RuntimeError(f"bench run failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}")
+        raise RuntimeError(f"bench run failed ({proc.returncode}):\n{out[-4000:]}")
     cfg = load_config(config, overrides, world_size=world_size)
     return cfg.run_dir
 
