@@ -42,8 +42,10 @@ TINY = [
 
 def launch(run_root: Path, cache: Path, overrides=(), args=(), world_size: int = 2,
            timeout: float = 300, check: bool = True, config: Path = DEMO) -> subprocess.CompletedProcess:
-    """Run ``grape_ds.train`` with ``world_size`` ranks under the real ``deepspeed`` launcher."""
-    sets = [*TINY, f"logging.output_dir={run_root}", f"data.cache_dir={cache}", *overrides]
+    """Run ``grape_ds.train`` with ``world_size`` ranks under the real ``deepspeed`` launcher. The demo
+    config is shrunk with ``TINY``; another config runs with its own values."""
+    tiny = TINY if Path(config) == DEMO else []
+    sets = [*tiny, f"logging.output_dir={run_root}", f"data.cache_dir={cache}", *overrides]
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(world_size),
            "--master_port", str(free_port()), "--module", "grape_ds.train", "--config", str(config)]
     for s in sets:
