@@ -34,6 +34,7 @@ from grape_ds.config import Config, load_config
 from grape_ds.controller import MixtureController, RoundStats
 from grape_ds.data import ground_truth, prepare_data
 from grape_ds.data.sampler import probe_windows
+from grape_ds.distributed import free_port
 from grape_ds.model import build_model
 from grape_ds.probe import GradientProbe
 
@@ -44,18 +45,11 @@ __all__ = ["main", "launch_run"]
 # helpers
 # ----------------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch_run(config: str, overrides: list[str], world_size: int = 2, timeout_s: float = 1800) -> Path:
     """Train ``config`` with ``world_size`` ranks under the deepspeed launcher; returns the run dir.
     A run that outlives ``timeout_s`` is killed (with its ranks) and reported, never waited on forever."""
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(world_size),
-           "--master_port", str(_free_port()), "--module", "grape_ds.train", "--config", config,
+           "--master_port", str(free_port()), "--module", "grape_ds.train", "--config", config,
            "--no-resume"]
     for o in ["logging.progress=false", *overrides]:
         cmd += ["--set", o]

@@ -15,7 +15,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-__all__ = ["LaunchError", "is_local_address", "port_in_use", "check_port_free", "adopt_slurm_env", "get_rank", "get_world_size", "get_local_rank", "is_main", "setup_logging", "barrier",
+__all__ = ["LaunchError", "free_port", "is_local_address", "port_in_use", "check_port_free", "adopt_slurm_env", "get_rank", "get_world_size", "get_local_rank", "is_main", "setup_logging", "barrier",
            "broadcast_object", "all_reduce_sum"]
 
 
@@ -40,6 +40,13 @@ def is_local_address(addr: str) -> bool:
         return ip in socket.gethostbyname_ex(socket.gethostname())[2]
     except OSError:
         return False
+
+
+def free_port() -> int:
+    """A TCP port free on this machine right now (for a single-process group, a bench or a test)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def port_in_use(addr: str, port: int) -> bool:

@@ -16,7 +16,7 @@ import deepspeed
 import torch
 
 from grape_ds.config import Config
-from grape_ds.distributed import check_port_free
+from grape_ds.distributed import check_port_free, free_port
 from grape_ds.schedules import lr_multiplier_fn
 
 __all__ = ["init_distributed", "build_engine"]
@@ -36,10 +36,7 @@ def init_distributed(timeout_minutes: float) -> None:
         if os.environ["WORLD_SIZE"] != "1":
             raise RuntimeError("WORLD_SIZE > 1 but MASTER_PORT is not set: launch with `deepspeed` or "
                                "set MASTER_ADDR/MASTER_PORT for every rank")
-        import socket
-        with socket.socket() as s:  # a free port for a single-process run
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        os.environ["MASTER_PORT"] = str(free_port())  # a single-process run
     elif os.environ["RANK"] == "0" and "TORCHELASTIC_RUN_ID" not in os.environ:
         # rank 0 will listen on MASTER_PORT: a taken port would otherwise leave the other ranks
         # waiting for it until the timeout

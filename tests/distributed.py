@@ -11,19 +11,14 @@ from __future__ import annotations
 import io
 import os
 import queue as queue_mod
-import socket
 import traceback
 
 import torch
 
+from grape_ds.distributed import free_port
+
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _entry(rank, world_size, port, fn, args, queue):
@@ -47,7 +42,7 @@ def _entry(rank, world_size, port, fn, args, queue):
 def run_distributed(fn, world_size: int = 2, args: tuple = (), timeout: float = 120.0) -> list:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_entry, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
     for p in procs:
         p.start()
