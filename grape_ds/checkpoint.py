@@ -100,8 +100,8 @@ class Checkpointer:
                     rank_state = torch.load(self.dir / tag / f"rank{get_rank()}_state.pt", weights_only=False)
             except Exception as exc:  # corrupt or truncated files: fall back to the previous one
                 ok, error = 0.0, f"{type(exc).__name__}: {exc}"
-            flag = all_reduce_sum(torch.tensor([1.0 - ok]))
-            if flag.item() == 0:
+            failed = all_reduce_sum(torch.tensor([1.0 - ok], device=engine.device)).item()
+            if failed == 0:
                 self.last_saved = step
                 log.info("resumed from checkpoint %s", self.dir / tag)
                 return client_state, rank_state

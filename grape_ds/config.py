@@ -28,6 +28,7 @@ __all__ = [
     "TokenizerConfig", "PlantedConfig", "MixtureConfig", "ProbeConfig", "TrainConfig", "DeepSpeedSection",
     "EvalConfig", "CheckpointConfig", "LoggingConfig", "load_config", "apply_overrides",
     "config_to_dict", "SCHEDULES", "METHODS", "SOURCE_TYPES", "CORPUS_TYPES", "BENCHMARKS", "BATCH_MODES",
+    "ATTENTION",
 ]
 
 SCHEDULES = ("linear_warmup_cosine", "linear_warmup_exponential", "linear_warmup_decay")
@@ -45,6 +46,7 @@ CORPUS_TYPES = ("climblab", "slimpajama", "wiki40b")
 BENCHMARKS = ("logiqa", "arc_easy", "arc_challenge", "piqa", "hellaswag", "sciq", "humaneval", "kodcode",
               "gsm8k", "mathqa", "medqa")
 BATCH_MODES = ("domain_pure", "mixed")
+ATTENTION = ("sdpa", "eager")  # transformers' attn_implementation values that need no extra package
 
 
 class ConfigError(ValueError):
@@ -62,6 +64,10 @@ class ModelConfig:
     n_head: int = 4             # attention heads; must divide n_embd
     n_positions: int = 128      # context length of the model; >= data.seq_len
     dropout: float = 0.0        # residual, embedding and attention dropout, in [0, 1)
+    vocab_size: int | None = None  # embedding rows; null: the tokenizer's vocabulary. Larger pads the
+                                # embedding and LM head (GPT-2's 50257 padded to 50304, as nanoGPT does)
+    attn_implementation: str = "sdpa"  # one of ATTENTION: PyTorch's scaled_dot_product_attention
+                                # (flash / memory-efficient kernels on GPUs), or "eager" (transformers' own)
     init_from: str | None = None  # local folder of a HF GPT-2 checkpoint to start from (optional)
 
 
@@ -159,6 +165,9 @@ class TrainConfig:
     weight_decay: float = 0.01  # AdamW weight decay
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
     eps: float = 1e-8           # AdamW epsilon
+    deterministic: bool = False  # deterministic kernels (torch.use_deterministic_algorithms, cuBLAS
+                                # workspace): two GPU runs of one config give identical parameters.
+                                # Slower on GPUs; CPU runs are deterministic either way
 
 
 @dataclass
@@ -430,6 +439,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         _require(getattr(m, key) > 0, f"model.{key}: must be > 0")
     _require(m.n_embd % m.n_head == 0, f"model.n_head: {m.n_head} does not divide model.n_embd={m.n_embd}")
     _require(0 <= m.dropout < 1, f"model.dropout: must be in [0, 1), got {m.dropout}")
+    _require(m.vocab_size is None or m.vocab_size > 0, "model.vocab_size: must be > 0 (or null)")
+    _require(m.attn_implementation in ATTENTION,
+             f"model.attn_implementation: unknown {m.attn_implementation!r}; choose from {list(ATTENTION)}")
     if m.init_from is not None:
         m.init_from = _existing_path(m.init_from, "model.init_from")
     # data
@@ -573,6 +585,9 @@ def _resolve_ds_config(cfg: Config, world_size: int) -> dict:
     ds.update(expected)
     zero = ds.get("zero_optimization", {}).get("stage", 0)
     _require(zero in (0, 1, 2), f"deepspeed.config: zero_optimization.stage={zero}; grape-ds supports stages 0-2")
-    _require(not ds.get("fp16", {}).get("enabled", False),
-             "deepspeed.config: fp16 is not supported (its loss scaling would distort the gradient probe); use bf16")
+    fp16, bf16 = (ds.get(k, {}).get("enabled", False) for k in ("fp16", "bf16"))
+    _require(not (fp16 and bf16), f"deepspeed.config: {path} enables both fp16 and bf16; choose one")
+    if ds.get("torch_autocast", {}).get("enabled", False):
+        _require(not (fp16 or bf16), f"deepspeed.config: {path} enables torch_autocast together with "
+                 "fp16/bf16; autocast keeps fp32 weights, so drop the fp16/bf16 section")
     return ds

@@ -3,6 +3,9 @@
 ``get_rank()`` / ``get_world_size()`` fall back to the launcher's environment variables and then to
 0 / 1, so every component runs in plain pytest without a process group. Logging is set up once per
 process: every record is stamped with its rank, and ranks other than 0 only show warnings.
+
+Every collective of the package goes through the helpers here, and each checks that its tensor lives
+on this process's device (:func:`grape_ds.devices.check_collective`): NCCL takes only CUDA tensors.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import sys
 
 import torch
 import torch.distributed as dist
+
+from grape_ds.devices import check_collective
 
 __all__ = ["LaunchError", "free_port", "is_local_address", "port_in_use", "check_port_free", "adopt_slurm_env", "get_rank", "get_world_size", "get_local_rank", "is_main", "setup_logging", "barrier",
            "broadcast_object", "all_reduce_sum"]
@@ -143,7 +148,13 @@ def broadcast_object(obj, src: int = 0):
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """In-place sum over ranks (identity without a process group)."""
+    """In-place sum over ranks (identity without a process group).
+
+    Raises:
+        RuntimeError: ``t`` is not on this process's device (:mod:`grape_ds.devices`), with or
+            without a process group, so a CPU test catches what NCCL would refuse.
+    """
+    check_collective(t, "all_reduce")
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t

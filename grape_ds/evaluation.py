@@ -33,6 +33,7 @@ all-reduce of a ``[tasks, 3]`` tensor (correct, correct_norm and count per task)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -68,26 +69,31 @@ TARGET_DELIMITER = " "   # the harness's default target_delimiter, at the front 
 
 @torch.no_grad()
 def sweep_losses(model: torch.nn.Module, windows_by_unit: dict[str, np.ndarray], batch_size: int,
-                 rank: int = 0, world_size: int = 1, max_windows: int | None = None) -> dict[str, float]:
-    """Mean next-token loss per unit over its windows (``[n, seq_len]`` arrays), reduced over ranks."""
+                 rank: int = 0, world_size: int = 1, max_windows: int | None = None,
+                 forward_context=contextlib.nullcontext) -> dict[str, float]:
+    """Mean next-token loss per unit over its windows (``[n, seq_len]`` arrays), reduced over ranks.
+
+    Sums stay on the model's device until the one all-reduce (no host sync per batch)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    sums = torch.zeros(len(windows_by_unit), 2, dtype=torch.float64)  # [units, (loss sum, tokens)]
+    sums = torch.zeros(len(windows_by_unit), 2, dtype=torch.float64, device=device)  # [units, (loss sum, tokens)]
     for u, windows in enumerate(windows_by_unit.values()):
         n = len(windows) if max_windows is None else min(len(windows), max_windows)
         mine = np.arange(rank, n, world_size)
         for start in range(0, len(mine), batch_size):
             x = torch.from_numpy(np.asarray(windows[mine[start:start + batch_size]], dtype=np.int64)).to(device)
-            logits = model(input_ids=x).logits.float()  # [B, T, V]
+            with forward_context():
+                logits = model(input_ids=x).logits
+            logits = logits.float()  # [B, T, V]
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
                                    reduction="sum")
-            sums[u, 0] += loss.item()
+            sums[u, 0] += loss
             sums[u, 1] += x[:, 1:].numel()
     all_reduce_sum(sums)
     model.train(was_training)
-    return {name: (sums[u, 0] / sums[u, 1]).item() if sums[u, 1] > 0 else float("nan")
-            for u, name in enumerate(windows_by_unit)}
+    return {name: loss / tokens if tokens > 0 else float("nan")
+            for name, (loss, tokens) in zip(windows_by_unit, sums.tolist())}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,11 +173,12 @@ def _padded_width(input_len: int, max_length: int) -> int:
 
 @torch.no_grad()
 def request_loglikelihoods(model: torch.nn.Module, requests: Sequence[ChoiceRequest],
-                           batch_size: int) -> np.ndarray:
+                           batch_size: int, forward_context=contextlib.nullcontext) -> np.ndarray:
     """Summed log-prob of each request's continuation given its context: float64 ``[len(requests)]``.
 
     Requests are grouped by padded width (their own length rounded up to ``PAD_MULTIPLE``) and
     batched within a group, so each result is independent of ``batch_size`` and of the other requests.
+    A batch is built on the host and moved to the model's device once; its sums come back once.
     """
     was_training = model.training
     model.eval()
@@ -184,31 +191,33 @@ def request_loglikelihoods(model: torch.nn.Module, requests: Sequence[ChoiceRequ
     for width, members in sorted(by_width.items(), reverse=True):
         for start in range(0, len(members), batch_size):
             chunk = members[start:start + batch_size]
-            x = torch.zeros(len(chunk), width, dtype=torch.long)  # [B, width], right-padded with id 0
+            x = np.zeros((len(chunk), width), dtype=np.int64)  # [B, width], right-padded with id 0
             for row, i in enumerate(chunk):
-                x[row, :requests[i].input_len] = torch.tensor(requests[i].tokens[:-1])
-            logits = model(input_ids=x.to(device)).logits  # [B, width, V]
-            for row, i in enumerate(chunk):
-                out[i] = _continuation_logprob(logits[row], requests[i])
+                x[row, :requests[i].input_len] = requests[i].tokens[:-1]
+            with forward_context():
+                logits = model(input_ids=torch.from_numpy(x).to(device)).logits  # [B, width, V]
+            sums = torch.stack([_continuation_logprob(logits[row], requests[i]) for row, i in enumerate(chunk)])
+            out[chunk] = sums.cpu().numpy()
     model.train(was_training)
     return out
 
 
-def _continuation_logprob(logits: torch.Tensor, req: ChoiceRequest) -> float:
-    """Sum of the continuation tokens' log-probs from one row of logits ``[width, V]``."""
+def _continuation_logprob(logits: torch.Tensor, req: ChoiceRequest) -> torch.Tensor:
+    """Sum of the continuation tokens' log-probs from one row of logits ``[width, V]``: a float64
+    0-dim tensor on the logits' device."""
     end = req.input_len
     logprobs = F.log_softmax(logits[end - req.n_cont:end].float(), dim=-1)  # [n_cont, V]
     targets = torch.tensor(req.tokens[-req.n_cont:], device=logits.device)  # [n_cont]
-    return logprobs.gather(1, targets[:, None]).double().sum().item()
+    return logprobs.gather(1, targets[:, None]).double().sum()
 
 
 def choice_loglikelihoods(model: torch.nn.Module, tokenizer, items: Sequence[MCItem],
-                          batch_size: int) -> list[np.ndarray]:
+                          batch_size: int, forward_context=contextlib.nullcontext) -> list[np.ndarray]:
     """Per item, the summed log-likelihood of each choice (float64 ``[len(item.choices)]``)."""
     max_length = context_length(model)
     requests = [choice_request(tokenizer, item.context, choice, max_length)
                 for item in items for choice in item.choices]
-    flat = request_loglikelihoods(model, requests, batch_size)
+    flat = request_loglikelihoods(model, requests, batch_size, forward_context)
     bounds = np.cumsum([0] + [len(item.choices) for item in items])
     return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
@@ -235,18 +244,20 @@ class MCScore:
 
 
 def score_mc(model: torch.nn.Module, tokenizer, items_by_task: dict[str, Sequence[MCItem]], batch_size: int,
-             rank: int = 0, world_size: int = 1) -> dict[str, MCScore]:
+             rank: int = 0, world_size: int = 1, forward_context=contextlib.nullcontext) -> dict[str, MCScore]:
     """``acc`` and ``acc_norm`` per task. Collective: every rank calls it with the same tasks; each
-    scores items ``rank, rank + world, ...``, and one all-reduce adds up the counts."""
-    counts = torch.zeros(len(items_by_task), 3, dtype=torch.float64)  # [tasks, (correct, correct_norm, n)]
+    scores items ``rank, rank + world, ...``, and one all-reduce (on the model's device) adds up the
+    counts."""
+    counts = np.zeros((len(items_by_task), 3))  # [tasks, (correct, correct_norm, n)]
     for t, items in enumerate(items_by_task.values()):
         mine = list(items)[rank::world_size]
-        for item, lls in zip(mine, choice_loglikelihoods(model, tokenizer, mine, batch_size)):
+        for item, lls in zip(mine, choice_loglikelihoods(model, tokenizer, mine, batch_size, forward_context)):
             pred, pred_norm = mc_predictions(item, lls)
-            counts[t] += torch.tensor([pred == item.gold, pred_norm == item.gold, 1.0], dtype=torch.float64)
-    all_reduce_sum(counts)
-    return {name: MCScore(acc=(c[0] / c[2]).item(), acc_norm=(c[1] / c[2]).item(), n=int(c[2]))
-            for name, c in zip(items_by_task, counts)}
+            counts[t] += [pred == item.gold, pred_norm == item.gold, 1.0]
+    device = next(model.parameters()).device
+    total = all_reduce_sum(torch.from_numpy(counts).to(device)).tolist()
+    return {name: MCScore(acc=c[0] / c[2], acc_norm=c[1] / c[2], n=int(c[2]))
+            for name, c in zip(items_by_task, total)}
 
 
 def mc_items_for(cfg: DataConfig, max_items: int | None) -> dict[str, list[MCItem]]:
@@ -277,13 +288,16 @@ class Evaluator:
 
     :meth:`evaluate` computes (collective: every rank calls it at the same step); :meth:`run` also
     logs to TensorBoard and appends the result to ``<run>/eval/eval.jsonl`` (rank 0). It runs every
-    ``every`` steps (and at the end of training).
+    ``every`` steps (and at the end of training). ``forward_context`` (a callable returning a context
+    manager) wraps every forward: the engine's autocast when DeepSpeed's ``torch_autocast`` is on.
     """
 
     def __init__(self, data, every: int, batch_size: int, max_windows: int | None, rank: int,
-                 world_size: int, run_dir: Path, mc_items: dict[str, list[MCItem]] | None = None) -> None:
+                 world_size: int, run_dir: Path, mc_items: dict[str, list[MCItem]] | None = None,
+                 forward_context=contextlib.nullcontext) -> None:
         self.data, self.every, self.batch_size, self.max_windows = data, every, batch_size, max_windows
         self.rank, self.world_size = rank, world_size
+        self.forward_context = forward_context
         self.path = Path(run_dir) / "eval" / "eval.jsonl"
         self.mc_items = {task: items for task, items in (mc_items or {}).items() if items}
         for task in sorted(set(mc_items or {}) - set(self.mc_items)):
@@ -297,9 +311,11 @@ class Evaluator:
         """The result row: per-unit losses (with average and worst) and, when there are items,
         ``mc_acc`` / ``mc_acc_norm`` per task with their averages."""
         domains = sweep_losses(model, {d: self.data.windows(d, "val") for d in self.data.domains},
-                               self.batch_size, self.rank, self.world_size, self.max_windows)
+                               self.batch_size, self.rank, self.world_size, self.max_windows,
+                               self.forward_context)
         tasks = sweep_losses(model, {t: self.data.windows(t, "val") for t in self.data.tasks},
-                             self.batch_size, self.rank, self.world_size, self.max_windows)
+                             self.batch_size, self.rank, self.world_size, self.max_windows,
+                             self.forward_context)
         result = {"step": step, "domain_loss": domains, "task_loss": tasks,
                   "domain_loss_avg": float(np.mean(list(domains.values()))),
                   "domain_loss_worst": float(np.max(list(domains.values())))}
@@ -313,7 +329,8 @@ class Evaluator:
     def _multiple_choice(self, model: torch.nn.Module) -> dict:
         if self._tokenizer is None:
             self._tokenizer = self.data.load_tokenizer()
-        scores = score_mc(model, self._tokenizer, self.mc_items, self.batch_size, self.rank, self.world_size)
+        scores = score_mc(model, self._tokenizer, self.mc_items, self.batch_size, self.rank, self.world_size,
+                          self.forward_context)
         acc = {t: s.acc for t, s in scores.items()}
         acc_norm = {t: s.acc_norm for t, s in scores.items()}
         return {"mc_acc": acc, "mc_acc_norm": acc_norm, "mc_items": {t: s.n for t, s in scores.items()},

@@ -33,7 +33,7 @@ from grape_ds.distributed import all_reduce_sum
 __all__ = ["GradientProbe", "ESTIMATORS"]
 
 ESTIMATORS = ("sketch", "exact")
-_BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+_BITS = (1, 2, 4, 8, 16, 32, 64, 128)  # bit i of a packed sign byte
 
 
 class GradientProbe:
@@ -45,18 +45,26 @@ class GradientProbe:
         estimator: ``"sketch"`` or ``"exact"``.
         dim: sketch dimension m (ignored by ``exact``).
         seed: seeds the signs and offsets; must be the same on every rank.
+        staged: keep contributions of the current optimizer step apart until :meth:`commit_step`
+            (or :meth:`discard_step`, for a step the engine skipped after an fp16 overflow); costs a
+            second ``[units, m]`` buffer. Without it, contributions go straight into the round's sums.
+
+    Devices: the buffers live on the parameters' device (``grape_ds.devices``); if the parameters
+    move after the probe was built (``deepspeed.initialize`` moves the model to the accelerator), the
+    probe follows them at the first gradient it sees, or at :meth:`to`. Accumulation is fp32 whatever
+    the gradients' dtype.
     """
 
     def __init__(self, model: torch.nn.Module, num_units: int, estimator: str = "sketch",
-                 dim: int = 8192, seed: int = 0) -> None:
+                 dim: int = 8192, seed: int = 0, staged: bool = False) -> None:
         if estimator not in ESTIMATORS:
             raise ValueError(f"unknown probe estimator {estimator!r}; choose from {list(ESTIMATORS)}")
-        self.estimator, self.num_units = estimator, num_units
+        self.estimator, self.num_units, self.staged = estimator, num_units, staged
         self.params = [p for p in model.parameters() if p.requires_grad]  # unique: tied counted once
         self.numel = sum(p.numel() for p in self.params)
         self.dim = self.numel if estimator == "exact" else int(dim)
         device = self.params[0].device
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator(device="cpu").manual_seed(seed)  # the same draws on every rank and device
         self.offsets: list[int] = []   # exact: start of the parameter in the flat vector; sketch: bucket offset
         self.signs: list[torch.Tensor] = []  # sketch: packed sign bits per parameter, [ceil(n / 8)] uint8
         start = 0
@@ -65,14 +73,37 @@ class GradientProbe:
                 self.offsets.append(start)
                 start += p.numel()
             else:
-                self.offsets.append(int(torch.randint(0, self.dim, (1,), generator=gen)))
+                self.offsets.append(int(torch.randint(0, self.dim, (1,), generator=gen, device="cpu")))
                 nbytes = (p.numel() + 7) // 8
-                self.signs.append(torch.randint(0, 256, (nbytes,), generator=gen, dtype=torch.uint8).to(device))
+                self.signs.append(torch.randint(0, 256, (nbytes,), generator=gen, dtype=torch.uint8,
+                                                device="cpu").to(device))
+        self._bits = torch.tensor(_BITS, dtype=torch.uint8, device=device)
         self.buffer = torch.zeros(num_units, self.dim, dtype=torch.float32, device=device)  # [units, m]
         self.stats = torch.zeros(num_units, 3, dtype=torch.float32, device=device)  # [units, (loss sum, n, seqs)]
+        self._pending, self._pending_stats = self._new_pending()
         self.active: int | None = None
         self.scale = 1.0
         self._handles = [p.register_hook(self._make_hook(i)) for i, p in enumerate(self.params)]
+
+    def _new_pending(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.staged:
+            return self.buffer, self.stats  # contributions land in the round's sums directly
+        return torch.zeros_like(self.buffer), torch.zeros_like(self.stats)
+
+    @property
+    def device(self) -> torch.device:
+        return self.buffer.device
+
+    def to(self, device: torch.device | str) -> "GradientProbe":
+        """Move the buffers and the projection's tables to ``device`` (their values are kept)."""
+        device = torch.device(device)
+        if device != self.buffer.device:
+            self.buffer, self.stats = self.buffer.to(device), self.stats.to(device)
+            self._pending = self.buffer if not self.staged else self._pending.to(device)
+            self._pending_stats = self.stats if not self.staged else self._pending_stats.to(device)
+            self.signs = [s.to(device) for s in self.signs]
+            self._bits = self._bits.to(device)
+        return self
 
     # -- capture --------------------------------------------------------------------------------
 
@@ -85,15 +116,17 @@ class GradientProbe:
 
     def _sign_vector(self, index: int, n: int) -> torch.Tensor:
         packed = self.signs[index]
-        bits = (packed.unsqueeze(1) & _BITS.to(packed.device)) != 0  # [ceil(n/8), 8]
+        bits = (packed.unsqueeze(1) & self._bits) != 0               # [ceil(n/8), 8]
         return bits.reshape(-1)[:n].float() * 2 - 1                  # [n] of +-1
 
     @torch.no_grad()
     def _add(self, index: int, grad: torch.Tensor) -> None:
+        if grad.device != self.buffer.device:
+            self.to(grad.device)  # the model moved after the probe was built: follow it
         g = grad.detach().reshape(-1).float()  # fp32 accumulation even for bf16 gradients
         if self.scale != 1.0:
             g = g * self.scale
-        row = self.buffer[self.active]
+        row = self._pending[self.active]
         if self.estimator == "exact":
             start = self.offsets[index]
             row[start:start + g.numel()] += g
@@ -107,16 +140,47 @@ class GradientProbe:
 
     @contextmanager
     def unit(self, unit: int, scale: float = 1.0):
-        """Within the block, every backward's gradient is added to ``unit``'s row (times ``scale``)."""
+        """Within the block, every backward's gradient is added to ``unit``'s row (times ``scale``:
+        for example ``gradient_accumulation_steps / loss_scale`` to undo what ``engine.backward``
+        multiplied the loss by)."""
         self.active, self.scale = unit, float(scale)
         try:
             yield
         finally:
             self.active, self.scale = None, 1.0
 
-    def record(self, unit: int, loss: float, sequences: int) -> None:
-        """One gradient contribution of ``unit`` (a micro-batch or probe batch) with its mean loss."""
-        self.stats[unit] += torch.tensor([loss, 1.0, float(sequences)], device=self.stats.device)
+    def record(self, unit: int, loss: float | torch.Tensor, sequences: int) -> None:
+        """One gradient contribution of ``unit`` (a micro-batch or probe batch) with its mean loss.
+
+        ``loss`` may be a 0-dim tensor on the probe's device: it is added there, without a host sync."""
+        row = self._pending_stats[unit]
+        row[0] += loss.detach().float() if isinstance(loss, torch.Tensor) else float(loss)
+        row[1] += 1.0
+        row[2] += float(sequences)
+
+    def pending_row(self, unit: int) -> torch.Tensor:
+        """``unit``'s contributions not yet committed (``[m]``; the round's row when not staged)."""
+        return self._pending[unit]
+
+    def commit_step(self) -> None:
+        """Add the current step's contributions to the round's sums (staged probes; else a no-op)."""
+        if self.staged:
+            self.buffer += self._pending
+            self.stats += self._pending_stats
+            self._pending.zero_()
+            self._pending_stats.zero_()
+
+    def discard_step(self) -> None:
+        """Drop the current step's contributions: the engine skipped the step (fp16 overflow), so its
+        gradients are not finite. Only a staged probe can do this.
+
+        Raises:
+            RuntimeError: the probe is not staged.
+        """
+        if not self.staged:
+            raise RuntimeError("discard_step needs a probe built with staged=True")
+        self._pending.zero_()
+        self._pending_stats.zero_()
 
     # -- reduce ---------------------------------------------------------------------------------
 
@@ -124,8 +188,11 @@ class GradientProbe:
         """One all_reduce over ranks; returns (projections [U, m], mean losses [U], sequences [U]).
 
         A unit's projection is the mean of its contributions' projected gradients over all ranks,
-        i.e. the projection of the gradient of its mean loss over all its batches. Resets the buffer.
+        i.e. the projection of the gradient of its mean loss over all its batches. Contributions not
+        yet committed (probe batches of a staged probe) are committed first. Resets the buffer.
+        All three results stay on the probe's device.
         """
+        self.commit_step()
         u, m = self.buffer.shape
         flat = torch.cat([self.buffer.reshape(-1), self.stats.reshape(-1)])  # [U*m + 3U]
         all_reduce_sum(flat)
@@ -152,9 +219,9 @@ class GradientProbe:
         self.stats.copy_(state["stats"])
 
     def memory_bytes(self) -> int:
-        """What the probe itself holds: the buffers and the packed signs."""
-        return (self.buffer.numel() * 4 + self.stats.numel() * 4
-                + sum(s.numel() for s in self.signs))
+        """What the probe itself holds: the buffers (twice when staged) and the packed signs."""
+        buffers = (self.buffer.numel() + self.stats.numel()) * 4 * (2 if self.staged else 1)
+        return buffers + sum(s.numel() for s in self.signs)
 
     def remove(self) -> None:
         for h in self._handles:

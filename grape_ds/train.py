@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import yaml
 
+from grape_ds import devices
 from grape_ds.checkpoint import Checkpointer
 from grape_ds.config import Config, ConfigError, config_to_dict, load_config
 from grape_ds.controller import MethodParams, MixtureController, RoundStats
@@ -70,6 +71,7 @@ class Run:
     state: LoopState
     rank: int
     world_size: int
+    precision: object      # grape_ds.engine.Precision: autocast and loss scaling of the engine
 
     @property
     def num_units(self) -> int:
@@ -107,6 +109,8 @@ def build_run(cfg: Config, resume: bool = True) -> Run:
 
     ds_engine.init_distributed(cfg.deepspeed.timeout_minutes)
     rank, world_size = get_rank(), get_world_size()
+    if cfg.train.deterministic:
+        devices.use_deterministic_algorithms()
     if rank == 0:
         if not resume:
             _set_aside(cfg.run_dir)
@@ -114,12 +118,19 @@ def build_run(cfg: Config, resume: bool = True) -> Run:
     barrier()
 
     data = prepare_data(cfg.data, local_rank=get_local_rank())
-    model = build_model(cfg.model, data.vocab_size, data.eot_id, seed=cfg.train.seed)
+    # on the engine's device before the probe hooks it, so the probe's buffers are built there
+    model = build_model(cfg.model, data.vocab_size, data.eot_id, seed=cfg.train.seed).to(devices.current())
+    devices.seed_training_rng(cfg.train.seed, rank)  # dropout masks: a stream per rank, from the seed
     probe = None
     if cfg.mixture.method != "static" and cfg.mixture.every > 0:  # hooks before deepspeed.initialize
+        # under fp16 a step can overflow and be skipped: its in-band contributions must be droppable
+        staged = bool(cfg.ds_config.get("fp16", {}).get("enabled", False))
         probe = GradientProbe(model, len(data.domains) + len(data.tasks), cfg.probe.estimator,
-                              cfg.probe.dim, cfg.probe.seed)
+                              cfg.probe.dim, cfg.probe.seed, staged=staged)
     engine = ds_engine.build_engine(model, cfg)
+    precision = ds_engine.precision(engine)
+    if probe is not None:
+        probe.to(engine.device)
 
     mix = cfg.mixture
     controller = MixtureController(mix.method, data.domains, data.tasks, mix.weights, mix.task_weights,
@@ -139,18 +150,25 @@ def build_run(cfg: Config, resume: bool = True) -> Run:
         sampler.counts[:] = rank_state["sampler_counts"]
         if probe is not None and "probe" in rank_state:
             probe.load_state_dict(rank_state["probe"])
+        if "rng" in rank_state:
+            devices.set_rng_state(rank_state["rng"], engine.device)
+        elif cfg.model.dropout > 0:
+            log.warning("the checkpoint holds no random state (made by an older grape-ds): dropout masks "
+                        "after the resume differ from an uninterrupted run's")
         if state.step != engine.global_steps:
             raise RuntimeError(f"checkpoint step {state.step} != engine step {engine.global_steps}")
     evaluator = Evaluator(data, cfg.eval.every, cfg.eval.batch_size, cfg.eval.max_windows, rank,
-                          world_size, cfg.run_dir, mc_items=mc_items_for(cfg.data, cfg.eval.max_items))
+                          world_size, cfg.run_dir, mc_items=mc_items_for(cfg.data, cfg.eval.max_items),
+                          forward_context=precision.forward_context)
     if rank == 0:
         truncate_jsonl(evaluator.path, state.step)
     if cfg.logging.trace_batches:
         truncate_jsonl(_trace_path(cfg, rank), state.step)
     monitor = build_monitor(rank, cfg.run_dir, data.domains, data.tasks, cfg.train.max_steps,
                             start_step=state.step, progress=cfg.logging.progress)
+    devices.reset_peak_memory(engine.device)
     return Run(cfg, data, engine, sampler, controller, probe, checkpointer, evaluator, monitor, state,
-               rank, world_size)
+               rank, world_size, precision)
 
 
 def _trace_path(cfg: Config, rank: int) -> Path:
@@ -188,22 +206,46 @@ def inband_due(run: Run, step: int) -> bool:
 def _probe_units(run: Run, step: int) -> None:
     """Probe batches for the tasks (and the domains when they are not in-band): forward on
     ``engine.module`` and ``torch.autograd.grad``, which never reaches DeepSpeed's gradient hooks,
-    ``p.grad`` or the optimizer. RNG state is restored, so training draws nothing different."""
-    cfg, data, probe = run.cfg, run.data, run.probe
+    ``p.grad`` or the optimizer. The random state of the CPU and of the engine's device is restored,
+    so training draws nothing different (dropout masks included). Forwards run under the engine's
+    autocast; under fp16 the loss is scaled like training's (so small gradients do not underflow)
+    and the probe divides the scale back out."""
+    cfg, data, probe, engine = run.cfg, run.data, run.probe, run.engine
     k = len(data.domains)
     units = [(k + n, t) for n, t in enumerate(data.tasks)]
     if cfg.probe.domains == "probe":
         units = [(d, name) for d, name in enumerate(data.domains)] + units
-    module = run.engine.module
-    with torch.random.fork_rng(devices=[]):
+    module = engine.module
+    with devices.isolated_rng(engine.device):
         for u, name in units:
             windows = probe_windows(data.num_windows(name, "train"), cfg.probe.batch_size,
                                     seed=cfg.train.seed, rank=run.rank, step=step, unit=u)
-            x = _rows(data, name, "train", windows).to(run.engine.device)
-            loss = module(input_ids=x, labels=x).loss
-            with probe.unit(u):
-                torch.autograd.grad(loss, probe.params)
-            probe.record(u, loss.item(), len(windows))
+            x = _rows(data, name, "train", windows).to(engine.device)
+            with run.precision.forward_context():
+                loss = module(input_ids=x, labels=x).loss
+            if run.precision.loss_scaling:
+                _scaled_probe_gradient(run, u, loss, len(windows))
+            else:
+                with probe.unit(u):
+                    torch.autograd.grad(loss, probe.params)
+                probe.record(u, loss, len(windows))
+
+
+def _scaled_probe_gradient(run: Run, unit: int, loss: torch.Tensor, sequences: int) -> None:
+    """fp16: the probe batch's gradient of ``loss x scale`` (the engine's loss scale, so that small
+    gradients do not underflow in fp16), divided by the scale in the probe. A probe batch has its own
+    gradients, so it can overflow where the training step did not: then its contribution is
+    dropped and it is redone at half the scale (as DeepSpeed's dynamic scaler would), down to 1."""
+    probe, scale = run.probe, run.precision.loss_scale(run.engine)
+    while True:
+        with probe.unit(unit, scale=1.0 / scale):
+            torch.autograd.grad(loss * scale, probe.params, retain_graph=scale > 1.0)
+        if bool(torch.isfinite(probe.pending_row(unit)).all()) or scale <= 1.0:
+            probe.record(unit, loss, sequences)
+            probe.commit_step()  # a probe batch that overflows even unscaled leaves the round to skip
+            return
+        probe.discard_step()
+        scale /= 2.0
 
 
 def run_mixture_round(run: Run, step: int) -> None:
@@ -246,10 +288,13 @@ def log_weights(run: Run, step: int) -> None:
 
 
 def log_step(run: Run, step: int, loss: float, lr: float, tokens_per_sec: float) -> None:
-    counts = all_reduce_sum(torch.from_numpy(run.sampler.counts.astype(np.float64)))  # [K], all ranks
+    counts = torch.from_numpy(run.sampler.counts.astype(np.float64)).to(run.engine.device)
+    counts = all_reduce_sum(counts).cpu().numpy()  # [K], all ranks
     run.sampler.counts[:] = 0
     realised = (counts / counts.sum()).tolist() if counts.sum() > 0 else counts.tolist()
-    run.monitor.scalars(step, {"train/loss": loss, "train/lr": lr, "train/tokens_per_sec": tokens_per_sec})
+    memory, _ = devices.peak_memory_bytes(run.engine.device)
+    run.monitor.scalars(step, {"train/loss": loss, "train/lr": lr, "train/tokens_per_sec": tokens_per_sec,
+                               "train/peak_memory_gib": memory / 2**30})
     run.monitor.vector(step, "mixture/realised", run.data.domains, realised)
     log_weights(run, step)
 
@@ -257,7 +302,7 @@ def log_step(run: Run, step: int, loss: float, lr: float, tokens_per_sec: float)
 def save_checkpoint(run: Run) -> None:
     client_state = {"loop": run.state.state_dict(), "sampler": run.sampler.state_dict(),
                     "controller": run.controller.state_dict()}
-    rank_state = {"sampler_counts": run.sampler.counts.copy()}
+    rank_state = {"sampler_counts": run.sampler.counts.copy(), "rng": devices.rng_state(run.engine.device)}
     if run.probe is not None:
         rank_state["probe"] = run.probe.state_dict()
     run.checkpointer.save(run.engine, run.state.step, client_state, rank_state)
@@ -311,8 +356,9 @@ def train(run: Run, stop_at: int | None = None, stop: StopRequest | None = None)
     while st.step < last:
         lr = engine.get_lr()[0]
         inband = inband_due(run, st.step + 1)
-        # [loss sum over micro-batches, micro-batches, stop requested]: one all_reduce per step
-        loss_sum = torch.zeros(3, dtype=torch.float64)
+        # [loss sum over micro-batches, micro-batches, stop requested], on the device: one all_reduce
+        # and one host sync per step
+        totals = torch.zeros(3, dtype=torch.float64, device=engine.device)
         for micro in range(gas):
             draw = run.sampler.draw(st.step, micro)
             if trace is not None:
@@ -320,20 +366,28 @@ def train(run: Run, stop_at: int | None = None, stop: StopRequest | None = None)
                                         "windows": draw.windows.tolist()}) + "\n")
             x = _batch(run.data, draw).to(engine.device)
             loss = engine(input_ids=x, labels=x).loss
-            if inband:  # engine.backward scales the loss by 1/gas; the probe undoes it
-                with run.probe.unit(draw.pure_domain, scale=gas):
+            if inband:  # engine.backward scales the loss by loss_scale / gas; the probe undoes it
+                with run.probe.unit(draw.pure_domain, scale=gas / run.precision.loss_scale(engine)):
                     engine.backward(loss)
-                run.probe.record(draw.pure_domain, loss.item(), len(x))
+                run.probe.record(draw.pure_domain, loss, len(x))
             else:
                 engine.backward(loss)
             engine.step()
-            loss_sum += torch.tensor([loss.item(), 1.0, 0.0], dtype=torch.float64)
+            totals[0] += loss.detach()
+            totals[1] += 1.0
+        if inband and run.probe.staged:  # fp16: a step skipped on overflow contributes nothing
+            if engine.was_step_applied():
+                run.probe.commit_step()
+            else:
+                run.probe.discard_step()
+                log.warning("step %d overflowed (fp16) and was skipped; its in-band gradients are left "
+                            "out of the round", st.step + 1)
         st.step += 1
         st.tokens += tokens_per_step
         window_tokens += tokens_per_step
-        loss_sum[2] = float(stop.requested is not None)
-        loss_mean = all_reduce_sum(loss_sum)  # every rank learns whether any rank was signalled
-        step_loss = (loss_mean[0] / loss_mean[1]).item()
+        totals[2] = float(stop.requested is not None)
+        loss_total, micro_batches, stops = all_reduce_sum(totals).tolist()  # any rank signalled?
+        step_loss = loss_total / micro_batches
         run.monitor.record(st.step, {"loss": step_loss, "lr": lr, "tokens": st.tokens, "time": time.time()})
         if not np.isfinite(step_loss):
             raise FloatingPointError(f"training loss is {step_loss} at step {st.step}; stopping "
@@ -354,7 +408,7 @@ def train(run: Run, stop_at: int | None = None, stop: StopRequest | None = None)
             run.evaluator.run(engine.module, st.step, run.monitor)
         if run.checkpointer.due(st.step):
             save_checkpoint(run)
-        if loss_mean[2] > 0:  # preemption: all ranks stop at this same step boundary
+        if stops > 0:  # preemption: all ranks stop at this same step boundary
             log.warning("stop requested (%s): saving a checkpoint at step %d and exiting",
                         stop.name or "signal on another rank", st.step)
             break
@@ -412,8 +466,10 @@ def write_status(run: Run, stop: StopRequest, stop_at: int | None) -> None:
                                                   else "a stop requested on another rank"))
     path = run.cfg.run_dir / "status.json"
     tmp = path.with_suffix(".tmp")
+    memory, kind = devices.peak_memory_bytes(run.engine.device)
     tmp.write_text(json.dumps({"state": "finished" if finished else "stopped", "step": run.state.step,
                                "max_steps": run.cfg.train.max_steps, "reason": reason,
+                               "peak_memory_bytes": memory, "peak_memory_kind": kind,
                                "time": time.time()}) + "\n")
     os.replace(tmp, path)
 
@@ -428,6 +484,21 @@ def _collective_failure(exc: BaseException) -> bool:
         k in text for k in ("gloo", "nccl", "connection closed", "connection reset", "timed out", "timeout"))
 
 
+def _leave_after_collective_failure(run: Run, exc: Exception) -> None:
+    """A dead or stuck rank: say so plainly and leave at once; tearing down a broken process group
+    can block, and the launcher (deepspeed, srun --kill-on-bad-exit) ends the other ranks."""
+    saved = run.checkpointer.last_saved
+    log.error("rank %d: a collective failed at step %d: another rank died or did not answer within "
+              "deepspeed.timeout_minutes=%g. The job stops; run the same command again to resume from "
+              "the newest complete checkpoint%s. (%s: %s)", run.rank, run.state.step,
+              run.cfg.deepspeed.timeout_minutes, f" (step {saved})" if saved else "",
+              type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(3)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging()
@@ -438,24 +509,14 @@ def main(argv=None) -> int:
         print(f"grape-ds: config error: {exc}", file=sys.stderr)
         return 2
     stop = StopRequest().install()
-    run = build_run(cfg, resume=not args.no_resume)
-    try:
-        train(run, stop_at=args.stop_at, stop=stop)
-    except Exception as exc:
-        if not _collective_failure(exc):
-            raise
-        # A dead or stuck rank: say so plainly and leave at once; tearing down a broken process group
-        # can block, and the launcher (deepspeed, srun --kill-on-bad-exit) ends the other ranks.
-        saved = run.checkpointer.last_saved
-        log.error("rank %d: a collective failed at step %d: another rank died or did not answer within "
-                  "deepspeed.timeout_minutes=%g. The job stops; run the same command again to resume from "
-                  "the newest complete checkpoint%s. (%s: %s)", run.rank, run.state.step,
-                  cfg.deepspeed.timeout_minutes, f" (step {saved})" if saved else "",
-                  type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(3)
+    with devices.check_from_env():  # GRAPE_DS_CHECK_DEVICES: fail on the CPU where a GPU would
+        run = build_run(cfg, resume=not args.no_resume)
+        try:
+            train(run, stop_at=args.stop_at, stop=stop)
+        except Exception as exc:
+            if not _collective_failure(exc):
+                raise
+            _leave_after_collective_failure(run, exc)
     write_status(run, stop, args.stop_at)
     if run.rank == 0:
         print(_final_message(cfg, run.state.step >= cfg.train.max_steps), flush=True)

@@ -1,5 +1,11 @@
 """Shared fixtures: environment for DeepSpeed on CPU, a shared packed-data cache, and a launcher
-helper that runs real ranks through the ``deepspeed`` launcher."""
+helper that runs real ranks through the ``deepspeed`` launcher.
+
+Every training process the tests start runs under grape-ds's device check
+(``GRAPE_DS_CHECK_DEVICES=1``, grape_ds/devices.py): a tensor grape-ds creates without naming its
+device lands on ``meta`` and fails at its first use, as a CPU tensor fails under NCCL on a GPU.
+``launch(..., strict_devices=True)`` also refuses any operation that mixes devices (slower).
+"""
 
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+os.environ.setdefault("GRAPE_DS_CHECK_DEVICES", "1")
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +43,8 @@ TINY = [
 
 
 def launch(run_root: Path, cache: Path, overrides=(), args=(), world_size: int = 2,
-           timeout: float = 300, check: bool = True, config: Path = DEMO) -> subprocess.CompletedProcess:
+           timeout: float = 300, check: bool = True, config: Path = DEMO,
+           strict_devices: bool = False) -> subprocess.CompletedProcess:
     """Run ``grape_ds.train`` with ``world_size`` ranks under the real ``deepspeed`` launcher. The demo
     config is shrunk with ``TINY``; another config runs with its own values."""
     tiny = TINY if Path(config) == DEMO else []
@@ -46,7 +54,8 @@ def launch(run_root: Path, cache: Path, overrides=(), args=(), world_size: int =
     for s in sets:
         cmd += ["--set", s]
     cmd += list(args)
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    env = {**os.environ, **({"GRAPE_DS_CHECK_DEVICES": "strict"} if strict_devices else {})}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
         tail = (proc.stdout + proc.stderr)[-6000:]
         raise AssertionError(f"launch failed with exit code {proc.returncode}:\n{tail}")

@@ -1,6 +1,7 @@
 """Config loading: every user mistake gets one ConfigError naming the key."""
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -45,6 +46,8 @@ def test_overrides_are_parsed_as_yaml():
     ("model.n_head=5", "model.n_head: 5 does not divide model.n_embd=128"),
     ("data.seq_len=512", "data.seq_len: 512 exceeds model.n_positions=128"),
     ("mixture.floor=0.2", "mixture.floor"),
+    ("model.attn_implementation=flash", "model.attn_implementation: unknown 'flash'"),
+    ("model.vocab_size=0", "model.vocab_size: must be > 0"),
 ])
 def test_config_errors_name_the_key(override, fragment):
     with pytest.raises(ConfigError) as err:
@@ -130,3 +133,23 @@ def test_string_overrides_keep_their_text():
     cfg = _load("logging.run_name=off", "data.tokenizer.name=null")
     assert cfg.logging.run_name == "off" and cfg.data.tokenizer.name is None
     assert _load("logging.run_name='123'").logging.run_name == "123"
+
+
+@pytest.mark.parametrize("ds_json", sorted(p.name for p in Path("ds_configs").glob("*.json")))
+def test_every_shipped_deepspeed_json_is_valid(ds_json):
+    cfg = _load(f"deepspeed.config=ds_configs/{ds_json}")
+    assert cfg.ds_config["zero_optimization"]["stage"] == 2
+
+
+@pytest.mark.parametrize("sections, fragment", [
+    ({"fp16": {"enabled": True}, "bf16": {"enabled": True}}, "enables both fp16 and bf16"),
+    ({"torch_autocast": {"enabled": True, "dtype": "bfloat16"}, "bf16": {"enabled": True}},
+     "enables torch_autocast together with fp16/bf16"),
+])
+def test_conflicting_precisions_are_refused(tmp_path, sections, fragment):
+    ds = json.load(open("ds_configs/zero2_fp32.json"))
+    ds.update(sections)
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds))
+    with pytest.raises(ConfigError, match=fragment):
+        _load(f"deepspeed.config={path}")

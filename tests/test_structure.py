@@ -8,7 +8,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "grape_ds"
 
 # Leaf modules anyone may import.
-SHARED = {"grape_ds.config", "grape_ds.distributed", "grape_ds.schedules"}
+SHARED = {"grape_ds.config", "grape_ds.devices", "grape_ds.distributed", "grape_ds.schedules"}
 # Extra edges allowed beyond SHARED (the wiring modules and the data package's own internals).
 ALLOWED = {
     "grape_ds.train": "*",
