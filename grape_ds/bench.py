@@ -1,6 +1,12 @@
 """``grape-ds bench``: the figures behind the README's performance section.
 
-Three parts; each prints a table and, as its last line, one JSON object with its figures.
+Four parts; each prints a table and, as its last line, one JSON object with its figures.
+
+* ``throughput``: for a named model size (``tiny``, GPT-2 ``124m``, ``350m``) and a precision, a
+  plain-PyTorch training loop (same model, batches, AdamW, schedule and clipping; no DeepSpeed),
+  grape-ds ``static`` and grape-ds ``grape`` with a round every 100 and every 10 steps, alternating in
+  one invocation, each in its own process: tokens/s per device, model FLOPs utilisation, peak device
+  memory, and the ratios static / plain and grape / static.
 
 * ``overhead``: the same config trained with ``static`` and with ``grape`` (a round every 10 and every
   100 steps), 2 ranks under the ``deepspeed`` launcher, alternating in one invocation; tokens/s of
@@ -25,18 +31,23 @@ import sys
 import tempfile
 import time
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from transformers import GPT2LMHeadModel
+
+from grape_ds import devices
 from grape_ds.config import Config, load_config
 from grape_ds.controller import MixtureController, RoundStats
-from grape_ds.data import ground_truth, prepare_data
+from grape_ds.data import MixtureSampler, ground_truth, prepare_data
 from grape_ds.data.sampler import probe_windows
 from grape_ds.distributed import free_port
-from grape_ds.model import build_model
+from grape_ds.model import build_model, gpt2_config
 from grape_ds.probe import GradientProbe
+from grape_ds.schedules import lr_multiplier_fn
 
 __all__ = ["main", "launch_run"]
 
@@ -45,16 +56,29 @@ __all__ = ["main", "launch_run"]
 # helpers
 # ----------------------------------------------------------------------------------------------
 
-def launch_run(config: str, overrides: list[str], world_size: int = 2, timeout_s: float = 1800) -> Path:
+def launch_run(config: str, overrides: list[str], world_size: int = 2, timeout_s: float = 1800,
+               args: tuple[str, ...] = (), fresh: bool = True, launcher: bool = True) -> Path:
     """Train ``config`` with ``world_size`` ranks under the deepspeed launcher; returns the run dir.
-    A run that outlives ``timeout_s`` is killed (with its ranks) and reported, never waited on forever."""
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(world_size),
-           "--master_port", str(free_port()), "--module", "grape_ds.train", "--config", config,
-           "--no-resume"]
+
+    ``fresh`` starts over (``--no-resume``); otherwise an existing run directory is resumed. ``args``
+    go to ``grape_ds.train`` (``--stop-at N``). A run that outlives ``timeout_s`` is killed (with its
+    ranks) and reported, never waited on forever. The launcher runs as ``python -m
+    deepspeed.launcher.runner`` with this interpreter, so it works where no ``deepspeed`` script is
+    on the PATH (packages installed with ``pip --target``). ``launcher=False`` runs one rank as a
+    plain process (a 1-process group; the launcher's own start-up, seconds, is left out)."""
+    if launcher:
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world_size),
+               "--master_port", str(free_port()), "--module", "grape_ds.train"]
+    elif world_size == 1:
+        cmd = [sys.executable, "-m", "grape_ds.train"]
+    else:
+        raise ValueError("launcher=False runs a single rank")
+    cmd += ["--config", config, *(["--no-resume"] if fresh else []), *args]
     for o in ["logging.progress=false", *overrides]:
         cmd += ["--set", o]
-    env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
-           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
     try:
@@ -288,6 +312,217 @@ def bench_planted(config: str, overrides: list[str], out: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# throughput
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelSize:
+    """A named model for ``bench throughput`` (sizes from GPT-2; ``tiny`` is the demo's, for CPUs)."""
+    n_layer: int
+    n_embd: int
+    n_head: int
+    seq_len: int                # also the context length
+    vocab_size: int | None      # padded embedding (null: the tokenizer's)
+    micro_batch_size: int       # sequences per rank and micro-batch
+    gradient_accumulation_steps: int
+
+
+MODEL_SIZES = {
+    "tiny": ModelSize(2, 128, 4, 128, None, 8, 2),
+    # GPT-2 124M as the paper trains it: 32 sequences of 1024 tokens per step (16 x 2 on one device);
+    # the vocabulary is GPT-2's 50257 padded to 50304 (nanoGPT), whatever the tokenizer holds
+    "124m": ModelSize(12, 768, 12, 1024, 50304, 16, 2),
+    "350m": ModelSize(24, 1024, 16, 1024, 50304, 8, 4),
+}
+
+# precision -> DeepSpeed JSON; the plain-PyTorch loop runs torch.autocast in that dtype (fp16 with a
+# GradScaler), the usual PyTorch recipe, with fp32 weights
+PRECISIONS = {
+    "fp32": ("ds_configs/zero2_fp32.json", None),
+    "bf16": ("ds_configs/zero2_bf16.json", torch.bfloat16),
+    "bf16_autocast": ("ds_configs/zero2_bf16_autocast.json", torch.bfloat16),
+    "fp16": ("ds_configs/zero2_fp16.json", torch.float16),
+}
+
+# Dense peak FLOP/s per device from the vendors' datasheets (SXM parts, no sparsity), matched by a
+# substring of torch.cuda.get_device_name(). fp32 is the CUDA-core rate (PyTorch does not use TF32
+# for fp32 matrix products by default).
+PEAK_FLOPS = {
+    "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
+    "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
+    "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12},
+    "L40S": {"bf16": 362e12, "fp16": 362e12, "fp32": 91.6e12},
+    "A10G": {"bf16": 70e12, "fp16": 70e12, "fp32": 31.2e12},
+}
+
+
+def flops_per_token(n_params: int, n_layer: int, n_head: int, head_dim: int, seq_len: int) -> float:
+    """Training FLOPs per token: ``6 N + 12 L H Q T`` (PaLM, appendix B; nanoGPT's ``estimate_mfu``):
+    ``N`` parameters without the position embedding, ``L`` layers, ``H`` heads of width ``Q``,
+    context ``T``."""
+    return 6.0 * n_params + 12.0 * n_layer * n_head * head_dim * seq_len
+
+
+def peak_flops(device_name: str, precision: str) -> float | None:
+    """The device's dense peak FLOP/s at ``precision`` from :data:`PEAK_FLOPS` (None if unknown)."""
+    key = "bf16" if precision.startswith("bf16") else precision
+    for name, peaks in PEAK_FLOPS.items():
+        if name in device_name:
+            return peaks[key]
+    return None
+
+
+def size_overrides(size: ModelSize, precision: str, steps: int) -> list[str]:
+    """``--set`` values that turn the demo config into ``size`` at ``precision`` for ``steps`` steps."""
+    return [f"model.n_layer={size.n_layer}", f"model.n_embd={size.n_embd}", f"model.n_head={size.n_head}",
+            f"model.n_positions={size.seq_len}", f"data.seq_len={size.seq_len}",
+            f"model.vocab_size={'null' if size.vocab_size is None else size.vocab_size}",
+            f"train.micro_batch_size={size.micro_batch_size}",
+            f"train.gradient_accumulation_steps={size.gradient_accumulation_steps}",
+            f"deepspeed.config={PRECISIONS[precision][0]}", f"train.max_steps={steps}",
+            f"train.warmup_steps={min(10, steps // 10)}", "eval.every=0", "eval.max_windows=2",
+            f"eval.batch_size={size.micro_batch_size}", "checkpoint.every=0", "logging.every=10"]
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def _param_count(cfg: Config, vocab_size: int, eot_id: int) -> int:
+    """Parameters without the position embedding (tied embedding counted once), on the meta device."""
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(gpt2_config(cfg.model, vocab_size, eot_id))
+    return sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
+
+
+def plain_loop(config: str, overrides: list[str], precision: str, out: Path) -> dict:
+    """The same model, batches, AdamW, schedule and clipping as a grape-ds run, in plain PyTorch on
+    one device (no DeepSpeed): the baseline ``bench throughput`` compares against. Writes
+    ``{"tokens_per_sec", "peak_memory_bytes", "peak_memory_kind", "steps"}`` to ``out``."""
+    cfg = load_config(config, overrides, world_size=1)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    data = prepare_data(cfg.data)
+    model = build_model(cfg.model, data.vocab_size, data.eot_id, seed=cfg.train.seed).to(device)
+    t = cfg.train
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=t.lr, betas=tuple(t.betas),
+                            eps=t.eps, **({"fused": True} if device.type == "cuda" else {}))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier_fn(
+        t.schedule, lr=t.lr, lr_end=t.lr_end, warmup=t.warmup_steps, total=t.max_steps, decay_rate=t.decay_rate))
+    dtype = PRECISIONS[precision][1]
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    clip = float(cfg.ds_config.get("gradient_clipping", 0.0))
+    sampler = MixtureSampler([data.num_windows(d, "train") for d in data.domains], [1.0] * len(data.domains),
+                             seed=t.seed, rank=0, world_size=1,
+                             micro_batch_size=t.micro_batch_size, mode=cfg.mixture.batch)
+    gas = t.gradient_accumulation_steps
+    times, tokens_per_step = [], t.micro_batch_size * gas * cfg.data.seq_len
+    devices.reset_peak_memory(device)
+    model.train()
+    for step in range(t.max_steps):
+        for micro in range(gas):
+            draw = sampler.draw(step, micro)
+            rows = [data.windows(data.domains[d], "train")[w] for d, w in zip(draw.domains, draw.windows)]
+            x = torch.from_numpy(np.stack(rows).astype(np.int64)).to(device)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                loss = model(input_ids=x, labels=x).loss
+            scaler.scale(loss / gas).backward()
+        if clip > 0:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        loss.item()  # one host sync per step, as the grape-ds loop has
+        times.append(time.perf_counter())
+    skip = max(5, t.max_steps // 10)
+    memory, kind = devices.peak_memory_bytes(device)
+    result = {"tokens_per_sec": tokens_per_step * (len(times) - skip) / (times[-1] - times[skip - 1]),
+              "peak_memory_bytes": memory, "peak_memory_kind": kind, "steps": t.max_steps}
+    out.write_text(json.dumps(result) + "\n")
+    return result
+
+
+def _run_plain(config: str, overrides: list[str], precision: str, out_dir: Path, tag: str,
+               timeout_s: float = 1800) -> dict:
+    out = out_dir / f"plain-{tag}.json"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "grape_ds.bench", "_plain", "--config", config, "--precision", precision,
+           "--result", str(out)]
+    for o in overrides:
+        cmd += ["--set", o]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    if proc.returncode != 0:
+        raise RuntimeError(f"plain PyTorch loop failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}")
+    return json.loads(out.read_text())
+
+
+def bench_throughput(config: str, model: str, precision: str, steps: int, repeats: int, periods: list[int],
+                     world_size: int, peak: float | None, out: Path, overrides: list[str] = ()) -> dict:
+    """Plain PyTorch, grape-ds ``static`` and grape-ds ``grape`` (a round every ``periods`` steps),
+    alternating ``repeats`` times; tokens/s per device, MFU and peak memory of each, and the ratios.
+    ``overrides`` apply to every run after the size's (a cache folder, say)."""
+    size = MODEL_SIZES[model]
+    common = [*size_overrides(size, precision, steps), f"logging.output_dir={out}", *overrides]
+    cfg = load_config(config, common, world_size=world_size)
+    data = prepare_data(cfg.data)  # packed once here; every run below reuses the cache
+    n_params = _param_count(cfg, data.vocab_size, data.eot_id)
+    fpt = flops_per_token(n_params, size.n_layer, size.n_head, size.n_embd // size.n_head, size.seq_len)
+    device = torch.device("cuda" if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu"
+                          else "cpu")
+    name = _device_name(device)
+    peak = peak if peak is not None else peak_flops(name, precision)
+    variants = [("plain", None), ("static", ["mixture.method=static", "mixture.every=0"])]
+    variants += [(f"grape/{p}", ["mixture.method=grape", f"mixture.every={p}"]) for p in periods]
+    figures: dict[str, dict[str, list]] = {v: {"tps": [], "mem": []} for v, _ in variants}
+    kind = None
+    for r in range(repeats):  # alternate, so drift of the machine hits every variant alike
+        for variant, sets in variants:
+            tag = f"{variant.replace('/', '')}-{r}"
+            if sets is None:
+                res = _run_plain(config, common, precision, out, tag)
+                figures[variant]["tps"].append(res["tokens_per_sec"])
+                mem, kind = res["peak_memory_bytes"], res["peak_memory_kind"]
+            else:
+                run = launch_run(config, [*common, *sets, f"logging.run_name=throughput-{tag}"], world_size,
+                                 launcher=world_size > 1)
+                figures[variant]["tps"].append(_throughput(run, skip=max(5, steps // 10)) / world_size)
+                mem = json.loads((run / "status.json").read_text())["peak_memory_bytes"]
+            figures[variant]["mem"].append(mem)
+    result = {"model": model, "params": n_params, "precision": precision, "device": name,
+              "world_size": world_size, "seq_len": size.seq_len,
+              "tokens_per_step": size.micro_batch_size * size.gradient_accumulation_steps * world_size * size.seq_len,
+              "steps": steps, "repeats": repeats, "flops_per_token": fpt, "peak_flops": peak,
+              "peak_memory_kind": kind}
+    rows = []
+    for variant, _ in variants:
+        tps = float(np.median(figures[variant]["tps"]))
+        mfu = tps * fpt / peak if peak else None
+        mem = int(max(figures[variant]["mem"]))
+        result[variant] = {"tokens_per_sec_per_device": tps, "mfu": mfu, "peak_memory_bytes": mem}
+        rows.append([variant, tps, "n/a" if mfu is None else f"{100 * mfu:.1f}%", f"{mem / 2**30:.2f}",
+                     " ".join(f"{v:.0f}" for v in figures[variant]["tps"])])
+    static_tps = result["static"]["tokens_per_sec_per_device"]
+    result["static_over_plain"] = static_tps / result["plain"]["tokens_per_sec_per_device"]
+    for p in periods:
+        result[f"grape{p}_over_static"] = result[f"grape/{p}"]["tokens_per_sec_per_device"] / static_tps
+    print(f"{model} ({n_params / 1e6:.1f}M parameters without position embeddings), {precision}, {name}, "
+          f"{world_size} device(s), {result['tokens_per_step']} tokens per step, {steps} steps")
+    print(_table(["variant", "tokens/s per device", "MFU", "peak memory GiB", "runs"], rows))
+    print("static / plain: " + f"{result['static_over_plain']:.3f}; "
+          + "; ".join(f"grape every {p} / static: {result[f'grape{p}_over_static']:.3f}" for p in periods))
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="grape-ds bench", description=__doc__.split("\n\n")[0])
@@ -306,13 +541,37 @@ def main(argv=None) -> int:
     pl = sub.add_parser("planted", help="static, doge and grape against the planted ground truth")
     pl.add_argument("--config", default="yaml_configs/demo.yaml")
     pl.add_argument("--set", dest="overrides", action="append", default=[])
-    for sp in (o, pl):
+    th = sub.add_parser("throughput", help="tokens/s and MFU: plain PyTorch vs grape-ds static vs grape")
+    th.add_argument("--config", default="yaml_configs/demo.yaml")
+    th.add_argument("--model", choices=sorted(MODEL_SIZES), default="tiny")
+    th.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32")
+    th.add_argument("--steps", type=int, default=300)
+    th.add_argument("--repeats", type=int, default=2)
+    th.add_argument("--periods", type=int, nargs="+", default=[100, 10])
+    th.add_argument("--world-size", type=int, default=1, help="ranks (devices) of the grape-ds runs")
+    th.add_argument("--peak-tflops", type=float, default=None,
+                    help="the device's peak TFLOP/s at this precision (default: a table of known GPUs)")
+    th.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for every run, after the model size's")
+    pln = sub.add_parser("_plain", help=argparse.SUPPRESS)  # one plain-PyTorch run, for throughput
+    pln.add_argument("--config", required=True)
+    pln.add_argument("--precision", choices=sorted(PRECISIONS), required=True)
+    pln.add_argument("--result", required=True)
+    pln.add_argument("--set", dest="overrides", action="append", default=[])
+    for sp in (o, pl, th):
         sp.add_argument("--out", default=None, help="where the runs go (default: a temporary folder)")
     args = p.parse_args(argv)
+    if args.part == "_plain":
+        plain_loop(args.config, args.overrides, args.precision, Path(args.result))
+        return 0
     with tempfile.TemporaryDirectory(prefix="grape-ds-bench-") as tmp:
         out = Path(getattr(args, "out", None) or tmp)
         if args.part == "overhead":
             fig = bench_overhead(args.config, args.steps, args.repeats, args.periods, out)
+        elif args.part == "throughput":
+            peak = args.peak_tflops * 1e12 if args.peak_tflops else None
+            fig = bench_throughput(args.config, args.model, args.precision, args.steps, args.repeats,
+                                   args.periods, args.world_size, peak, out, args.overrides)
         elif args.part == "fidelity":
             fig = bench_fidelity(args.config, args.overrides, args.rounds, args.steps_between, args.batch)
         else:
