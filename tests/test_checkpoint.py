@@ -57,8 +57,18 @@ def test_keep_last_fallback_on_corrupt_checkpoint_and_start_over(tmp_path, data_
     assert sorted(after) == list(range(1, 9))
     assert after[5] == before[5] and after[6] == before[6]  # steps 5-6 recomputed exactly
 
-    # Starting over keeps the previous attempt aside instead of deleting it.
-    _run_single(tmp_path, data_cache, "--stop-at", "2", "--no-resume")
+
+def test_starting_over_keeps_the_previous_attempt_aside(tmp_path):
+    """What --no-resume does to an existing run directory before anything is written into it."""
+    from grape_ds.train import _set_aside
+
+    run = tmp_path / "one"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    _set_aside(run)
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("one.replaced-")]
-    assert len(aside) == 1 and (aside[0] / "checkpoints").is_dir()
-    assert sorted(_losses(run)) == [1, 2]
+    assert not run.exists() and len(aside) == 1
+    assert (aside[0] / "checkpoints").is_dir() and (aside[0] / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    run.mkdir()
+    _set_aside(run)  # an empty directory has nothing to keep
+    assert run.is_dir() and len([p for p in tmp_path.iterdir() if p.name.startswith("one.replaced-")]) == 1

@@ -19,7 +19,7 @@ from grape_ds.checkpoint import complete_checkpoints
 
 pytestmark = pytest.mark.slow
 
-SETS = ["train.max_steps=60", "checkpoint.every=0", "eval.every=0", "mixture.every=10",
+SETS = ["train.max_steps=30", "checkpoint.every=0", "eval.every=0", "mixture.every=10",
         "logging.trace_batches=false"]
 
 
@@ -57,7 +57,7 @@ def test_signal_saves_at_a_step_boundary_and_resume_is_exact(tmp_path, data_cach
     ckpts = complete_checkpoints(run / "checkpoints")
     assert len(ckpts) == 1, out[-3000:]
     stopped = ckpts[0][0]
-    assert 8 <= stopped < 60 and "stop requested" in out
+    assert 8 <= stopped < 30 and "stop requested" in out
     assert _steps_done(run) == stopped  # both ranks stopped at the same boundary, nothing after it
 
     launch(tmp_path, data_cache, [*SETS, "logging.run_name=pre"])  # the same command resumes
