@@ -13,9 +13,10 @@ Four parts; each prints a table and, as its last line, one JSON object with its 
   each and the ratios grape/static. Then, in one process, the cost of our round against a
   reference-style round (probe batches for every domain and task plus the mixture batches, full
   flattened gradients), and the probe's memory.
-* ``fidelity``: on a small GPT-2, the sketch against the exact estimator on the same batches: the
-  relative Frobenius error of the Gram matrix, and the largest difference of alpha and z after 10
-  rounds driven by each.
+* ``fidelity``: on a small GPT-2, the sketch against the exact estimator on the same batches, round
+  after round: the relative Frobenius error of the Gram matrix, and the drift of alpha and z (their
+  largest difference from the exact estimator's) after 10 and 50 rounds, for a sketch drawn afresh
+  every round (what a run does) and for one projection kept for the whole run.
 * ``planted``: ``static``, ``doge`` and ``grape`` on the planted corpus (2 ranks); each run's final
   alpha and z next to the corpus's ground truth.
 """
@@ -120,32 +121,76 @@ def _unit_batch(data, cfg: Config, name: str, u: int, step: int, size: int) -> t
     return torch.from_numpy(np.stack([w[i] for i in windows]).astype(np.int64))
 
 
+def _probe_offline(model, probes: list[GradientProbe], batches) -> None:
+    """Each ``(row, batch)``: one forward and ``torch.autograd.grad``, seen by every probe."""
+    for u, x in batches:
+        loss = model(input_ids=x, labels=x).loss
+        with ExitStack() as stack:
+            for p in probes:
+                stack.enter_context(p.unit(u))
+            torch.autograd.grad(loss, probes[0].params)
+        for p in probes:
+            p.record(u, loss.item(), len(x))
+
+
+def _stats(probe: GradientProbe, proj, losses, seqs, k: int, e: int, c: int) -> RoundStats:
+    return RoundStats(losses.double().numpy(), probe.gram(proj).numpy(), seqs.numpy(), k, e, c)
+
+
+def _offline_round(cfg: Config, data, model, probes: list[GradientProbe], ctl: MixtureController,
+                   step: int, units: list[int]) -> list[RoundStats]:
+    """One round on one process, as ``grape_ds.train.measure_round`` measures it: probe batches for
+    ``units``, the research form's train-mixture batches (from ``ctl``'s alpha) and target-mixture
+    batches (from the z the task update gives, after a first reduction). Every probe sees the same
+    batches; returns each probe's statistics."""
+    from grape_ds.controller import UPDATES_TASKS
+    from grape_ds.data.sampler import TARGET_MIXTURE, TRAIN_MIXTURE
+    from grape_ds.train import mixture_batch_rows, mixture_batches, unit_batches
+
+    k, n = len(data.domains), len(data.tasks)
+    e, c = mixture_batch_rows(cfg)
+    batches = unit_batches(data, cfg, 0, step, units)
+    batches += mixture_batches(data, cfg, 0, step, TRAIN_MIXTURE, ctl.alpha, k + n, e)
+    two_phase = c > 0 and ctl.method in UPDATES_TASKS
+    if c and not two_phase:
+        batches += mixture_batches(data, cfg, 0, step, TARGET_MIXTURE, ctl.z, k + n + e, c)
+    _probe_offline(model, probes, batches)
+    if not two_phase:
+        return [_stats(p, *p.reduce(), k, e, c) for p in probes]
+    first = [p.reduce(slice(0, k + n + e)) for p in probes]
+    z_next = ctl.preview_z(_stats(probes[0], *first[0], k, e, 0))
+    _probe_offline(model, probes, mixture_batches(data, cfg, 0, step, TARGET_MIXTURE, z_next, k + n + e, c))
+    out = []
+    for p, part in zip(probes, first):
+        rest = p.reduce(slice(k + n + e, None))
+        out.append(_stats(p, *(torch.cat(pair) for pair in zip(part, rest)), k, e, c))
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # overhead
 # ----------------------------------------------------------------------------------------------
 
 def _round_costs(cfg: Config, repeats: int = 5) -> dict:
     """Seconds per round, ours vs reference-style, on one process with the config's model."""
+    from grape_ds.train import _method_params, mixture_batch_rows
+
     _single_process_env()
     torch.set_num_threads(1)
     data = prepare_data(cfg.data)
     model = build_model(cfg.model, data.vocab_size, data.eot_id, seed=cfg.train.seed)
-    units = data.domains + data.tasks
-    k = len(data.domains)
-    probe = GradientProbe(model, len(units), cfg.probe.estimator, cfg.probe.dim, cfg.probe.seed)
+    k, n = len(data.domains), len(data.tasks)
+    rows = k + n + sum(mixture_batch_rows(cfg))
+    probe = GradientProbe(model, rows, cfg.probe.estimator, cfg.probe.dim, cfg.probe.seed)
     params = probe.params
     b, mb, b_r, tau = cfg.probe.batch_size, cfg.train.micro_batch_size, 2, cfg.mixture.unit_clip or 1.0
-    ctl = MixtureController("grape", data.domains, data.tasks)
+    ctl = MixtureController("grape", data.domains, data.tasks, params=_method_params(cfg))
+    units = list(range(k, k + n)) if cfg.probe.domains == "inband" else list(range(k + n))
 
-    def ours(step):
-        for n, t in enumerate(data.tasks):  # domains come in-band from training micro-batches
-            x = _unit_batch(data, cfg, t, k + n, step, b)
-            loss = model(input_ids=x, labels=x).loss
-            with probe.unit(k + n):
-                torch.autograd.grad(loss, params)
-            probe.record(k + n, loss.item(), b)
-        proj, losses, seqs = probe.reduce()
-        ctl.round(step, RoundStats(losses.double().numpy(), probe.gram(proj).numpy(), seqs.numpy(), k))
+    def ours(step):  # in-band domains come from the training micro-batches (timed below)
+        (stats,) = _offline_round(cfg, data, model, [probe], ctl, step, units)
+        ctl.round(step, stats)
+        probe.set_round(step + 1)
 
     def flat_clipped(x, log_loss=False):
         loss = model(input_ids=x, labels=x).loss
@@ -192,10 +237,11 @@ def _round_costs(cfg: Config, repeats: int = 5) -> dict:
             "reference_extra_memory_bytes": 3 * 4 * probe.numel}
 
 
-def bench_overhead(config: str, steps: int, repeats: int, periods: list[int], out: Path) -> dict:
+def bench_overhead(config: str, steps: int, repeats: int, periods: list[int], out: Path,
+                   overrides: list[str] = ()) -> dict:
     variants = [("static", ["mixture.method=static", "mixture.every=0"])]
     variants += [(f"grape/{p}", ["mixture.method=grape", f"mixture.every={p}"]) for p in periods]
-    common = [f"train.max_steps={steps}", "eval.every=0", "eval.max_windows=8", "checkpoint.every=0",
+    common = [*overrides, f"train.max_steps={steps}", "eval.every=0", "eval.max_windows=8", "checkpoint.every=0",
               f"logging.output_dir={out}", f"train.warmup_steps={min(10, steps // 10)}"]
     tps: dict[str, list[float]] = {name: [] for name, _ in variants}
     for r in range(repeats):  # alternate, so drift of the machine hits every variant alike
@@ -211,7 +257,7 @@ def bench_overhead(config: str, steps: int, repeats: int, periods: list[int], ou
         if name != "static":
             fig[f"ratio/{name}"] = med / base
     print(_table(["variant", "tokens/s (median)", "vs static", "runs"], rows))
-    costs = _round_costs(load_config(config, [f"logging.output_dir={out}"], world_size=2))
+    costs = _round_costs(load_config(config, [*overrides, f"logging.output_dir={out}"], world_size=2))
     print()
     print(_table(["round", "seconds"], [["ours (task probes + in-band hooks + reduce + update)", costs["our_round_s"]],
                                           ["reference-style (all units + mixture batches, flat P-vectors)", costs["reference_round_s"]],
@@ -228,41 +274,46 @@ def bench_overhead(config: str, steps: int, repeats: int, periods: list[int], ou
 # fidelity
 # ----------------------------------------------------------------------------------------------
 
-def bench_fidelity(config: str, overrides: list[str], rounds: int, steps_between: int, batch: int) -> dict:
-    """Sketch vs exact on the same batches; the model trains between rounds on a uniform mixture."""
+def bench_fidelity(config: str, overrides: list[str], rounds: int, steps_between: int,
+                   report: list[int]) -> dict:
+    """The sketch against the exact estimator on the same batches, round after round: one sketch
+    drawn afresh every round (what a run does) and, for comparison, one projection kept for the whole
+    run. Every probe batch is seen by the three; each estimator drives its own controller (the
+    batches are drawn from the exact one's weights). The model trains between rounds on a uniform
+    mixture, so the gradients change."""
+    from grape_ds.train import _method_params, mixture_batch_rows
+
     _single_process_env()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     cfg = load_config(config, ["mixture.method=grape", *overrides], world_size=1)
     data = prepare_data(cfg.data)
     model = build_model(cfg.model, data.vocab_size, data.eot_id, seed=cfg.train.seed)
-    units = data.domains + data.tasks
-    k = len(data.domains)
-    exact = GradientProbe(model, len(units), "exact")
-    sketch = GradientProbe(model, len(units), "sketch", cfg.probe.dim, cfg.probe.seed)
-    from grape_ds.train import _method_params  # the same method parameters a run uses
+    k, n = len(data.domains), len(data.tasks)
+    rows = k + n + sum(mixture_batch_rows(cfg))
+    names = ("exact", "fresh", "fixed")
+    probes = [GradientProbe(model, rows, "exact"),
+              GradientProbe(model, rows, "sketch", cfg.probe.dim, cfg.probe.seed),
+              GradientProbe(model, rows, "sketch", cfg.probe.dim, cfg.probe.seed)]
     ctl = {name: MixtureController("grape", data.domains, data.tasks, cfg.mixture.weights,
-                                   cfg.mixture.task_weights, _method_params(cfg)) for name in ("exact", "sketch")}
+                                   cfg.mixture.task_weights, _method_params(cfg)) for name in names}
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
     rng = np.random.default_rng(cfg.train.seed)
-    errors, rows = [], []
+    table, fig = [], {"sketch_dim": cfg.probe.dim, "rounds": rounds, "form": cfg.mixture.form}
+    errors = {"fresh": [], "fixed": []}
     for r in range(rounds):
-        for u, name in enumerate(units):
-            x = _unit_batch(data, cfg, name, u, r, batch)
-            loss = model(input_ids=x, labels=x).loss
-            with exact.unit(u), sketch.unit(u):
-                torch.autograd.grad(loss, exact.params)
-            exact.record(u, loss.item(), batch)
-            sketch.record(u, loss.item(), batch)
-        pe, le, se = exact.reduce()
-        ps, ls, ss = sketch.reduce()
-        ge, gs = exact.gram(pe), sketch.gram(ps)
-        err = ((ge - gs).norm() / ge.norm()).item()
-        errors.append(err)
-        ctl["exact"].round(r + 1, RoundStats(le.double().numpy(), ge.numpy(), se.numpy(), k))
-        ctl["sketch"].round(r + 1, RoundStats(ls.double().numpy(), gs.numpy(), ss.numpy(), k))
-        da = np.abs(ctl["exact"].alpha - ctl["sketch"].alpha).max()
-        dz = np.abs(ctl["exact"].z - ctl["sketch"].z).max()
-        rows.append([r + 1, err, float(da), float(dz)])
+        probes[1].set_round(r + 1)  # fresh: a new projection every round; fixed: the first one throughout
+        stats = _offline_round(cfg, data, model, probes, ctl["exact"], r + 1, list(range(k + n)))
+        ge = torch.from_numpy(stats[0].gram)
+        for name, st in zip(names, stats):
+            if name != "exact":
+                errors[name].append(float((torch.from_numpy(st.gram) - ge).norm() / ge.norm()))
+            ctl[name].round(r + 1, st)
+        drift = {name: (float(np.abs(ctl[name].alpha - ctl["exact"].alpha).max()),
+                        float(np.abs(ctl[name].z - ctl["exact"].z).max())) for name in ("fresh", "fixed")}
+        if r + 1 in report or r + 1 == rounds:
+            table.append([r + 1, errors["fresh"][-1], *drift["fresh"], errors["fixed"][-1], *drift["fixed"]])
+            for name in ("fresh", "fixed"):
+                fig[f"{name}/alpha_drift@{r + 1}"], fig[f"{name}/z_drift@{r + 1}"] = drift[name]
         for _ in range(steps_between):  # move the model so every round sees new gradients
             d = data.domains[rng.integers(k)]
             w = data.windows(d, "train")
@@ -270,11 +321,14 @@ def bench_fidelity(config: str, overrides: list[str], rounds: int, steps_between
             model(input_ids=x, labels=x).loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-    print(_table(["round", "Gram rel. Frobenius error", "max |d alpha|", "max |d z|"], rows))
-    return {"sketch_dim": cfg.probe.dim, "rounds": rounds, "gram_rel_error_mean": float(np.mean(errors)),
-            "gram_rel_error_max": float(np.max(errors)), "alpha_max_abs_diff": rows[-1][2],
-            "z_max_abs_diff": rows[-1][3], "alpha_exact": ctl["exact"].alpha.tolist(),
-            "alpha_sketch": ctl["sketch"].alpha.tolist()}
+    print(_table(["round", "fresh: Gram rel. error", "max |d alpha|", "max |d z|",
+                  "fixed: Gram rel. error", "max |d alpha|", "max |d z|"], table))
+    for name in ("fresh", "fixed"):
+        fig[f"{name}/gram_rel_error_mean"] = float(np.mean(errors[name]))
+        fig[f"{name}/gram_rel_error_max"] = float(np.max(errors[name]))
+    fig.update(alpha_exact=ctl["exact"].alpha.tolist(), alpha_fresh=ctl["fresh"].alpha.tolist(),
+               alpha_fixed=ctl["fixed"].alpha.tolist())
+    return fig
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,14 +336,17 @@ def bench_fidelity(config: str, overrides: list[str], rounds: int, steps_between
 # ----------------------------------------------------------------------------------------------
 
 def planted_figures(mixture: dict, truth) -> dict:
-    """The relevant domains' total weight over their uniform share, and the top task."""
-    alpha = np.asarray(mixture["alpha"])
+    """The relevant domains' total weight over their uniform share, and the top task: of the last
+    weights, and of the weights averaged over the rounds (the mixture the paper reports)."""
     idx = [mixture["domains"].index(d) for d in truth.relevant_domains]
-    share = float(alpha[idx].sum())
-    uniform = len(idx) / len(alpha)
-    top = mixture["tasks"][int(np.argmax(mixture["z"]))]
-    return {"relevant_share": share, "relevant_over_uniform": share / uniform, "top_task": top,
-            "top_task_is_hard": top == truth.hard_task, "alpha": mixture["alpha"], "z": mixture["z"]}
+    uniform = len(idx) / len(mixture["alpha"])
+    out = {"alpha": mixture["alpha"], "z": mixture["z"], "alpha_avg": mixture["alpha_avg"], "z_avg": mixture["z_avg"]}
+    for suffix, alpha, z in (("", mixture["alpha"], mixture["z"]), ("_avg", mixture["alpha_avg"], mixture["z_avg"])):
+        share = float(np.asarray(alpha)[idx].sum())
+        top = mixture["tasks"][int(np.argmax(z))]
+        out.update({f"relevant_share{suffix}": share, f"relevant_over_uniform{suffix}": share / uniform,
+                    f"top_task{suffix}": top, f"top_task_is_hard{suffix}": top == truth.hard_task})
+    return out
 
 
 def bench_planted(config: str, overrides: list[str], out: Path) -> dict:
@@ -303,11 +360,13 @@ def bench_planted(config: str, overrides: list[str], out: Path) -> dict:
         run = launch_run(config, sets)
         f = planted_figures(json.loads((run / "mixture.json").read_text()), truth)
         fig[method] = f
-        rows.append([method, f["relevant_share"], f["relevant_over_uniform"], f["top_task"],
-                     " ".join(f"{a:.3f}" for a in f["alpha"]), " ".join(f"{v:.3f}" for v in f["z"])])
+        rows.append([method, f["relevant_share"], f["relevant_over_uniform"], f["top_task"], f["top_task_avg"],
+                     " ".join(f"{a:.3f}" for a in f["alpha"]), " ".join(f"{v:.3f}" for v in f["z"]),
+                     " ".join(f"{v:.3f}" for v in f["z_avg"])])
     print(f"ground truth: relevant domains {list(truth.relevant_domains)} (uniform share "
           f"{len(truth.relevant_domains) / len(cfg.domain_names):.3f}), hard task {truth.hard_task}")
-    print(_table(["method", "relevant share", "x uniform", "top task", "alpha", "z"], rows))
+    print(_table(["method", "relevant share", "x uniform", "top task", "top task (avg z)", "alpha", "z",
+                  "z (avg)"], rows))
     return fig
 
 
@@ -532,11 +591,13 @@ def main(argv=None) -> int:
     o.add_argument("--steps", type=int, default=300)
     o.add_argument("--repeats", type=int, default=2)
     o.add_argument("--periods", type=int, nargs="+", default=[10, 100])
+    o.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     f = sub.add_parser("fidelity", help="sketch vs exact estimator")
     f.add_argument("--config", default="yaml_configs/demo.yaml")
-    f.add_argument("--rounds", type=int, default=10)
+    f.add_argument("--rounds", type=int, default=50)
     f.add_argument("--steps-between", type=int, default=10)
-    f.add_argument("--batch", type=int, default=8)
+    f.add_argument("--report", type=int, nargs="+", default=[1, 10, 20, 30, 40, 50],
+                   help="rounds after which the drift is printed (and the last)")
     f.add_argument("--set", dest="overrides", action="append", default=[])
     pl = sub.add_parser("planted", help="static, doge and grape against the planted ground truth")
     pl.add_argument("--config", default="yaml_configs/demo.yaml")
@@ -567,13 +628,13 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="grape-ds-bench-") as tmp:
         out = Path(getattr(args, "out", None) or tmp)
         if args.part == "overhead":
-            fig = bench_overhead(args.config, args.steps, args.repeats, args.periods, out)
+            fig = bench_overhead(args.config, args.steps, args.repeats, args.periods, out, args.overrides)
         elif args.part == "throughput":
             peak = args.peak_tflops * 1e12 if args.peak_tflops else None
             fig = bench_throughput(args.config, args.model, args.precision, args.steps, args.repeats,
                                    args.periods, args.world_size, peak, out, args.overrides)
         elif args.part == "fidelity":
-            fig = bench_fidelity(args.config, args.overrides, args.rounds, args.steps_between, args.batch)
+            fig = bench_fidelity(args.config, args.overrides, args.rounds, args.steps_between, args.report)
         else:
             fig = bench_planted(args.config, args.overrides, out)
     print(json.dumps({"bench": args.part, **fig}))

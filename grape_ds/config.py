@@ -128,13 +128,18 @@ class MixtureConfig:
     method: str = "static"      # one of METHODS
     weights: list[float] | None = None  # initial domain weights alpha (null: uniform); renormalised
     task_weights: list[float] | None = None  # initial task weights z (null: uniform); renormalised
-    floor: float = 1e-3         # minimum sampling probability of every domain; num_domains*floor < 1
+    floor: float = 1e-3         # adaptive methods: no domain weight goes below this (the controller's
+                                # floor; the sampler draws the weights exactly); num_domains*floor < 1.
+                                # static: no floor, the weights are drawn as written (0 = never)
     batch: str = "domain_pure"  # one of BATCH_MODES: a micro-batch from one domain, or mixed per sequence
-    every: int = 0              # a reweighting round every this many optimizer steps (<= 0: never)
+    every: int = 0              # a reweighting round after every this-many-th optimizer step (<= 0:
+                                # never): after steps 100, 200, ... counted from 1, which is the
+                                # research code's (t+1) % T == 0 with its 0-based t (its "step 99")
     mu_domain: float = 1.5      # exponentiated-gradient step on alpha (research code: mu_train)
     mu_task: float = 5.0        # exponentiated-gradient step on z (research code: mu_tgt)
-    form: str = "research"      # "research": the research code's clipped/pooled estimators;
-                                # "alignment": the explicit alignment-matrix form (ALGORITHMS.md §4.10)
+    form: str = "research"      # "research": the research code's estimators exactly (per-batch clipped
+                                # mixture batches, probe.mixture_batches); "alignment": the explicit
+                                # alignment-matrix form (ALGORITHMS.md §4.10), no clipping, no mixture batches
     unit_clip: float | None = 1.0  # research form: clip each unit gradient to this norm (null: no clip)
     task_smoothing: float = 0.001  # z <- (1 - s) z + s / N after each task update (research: 0.001)
     ema_beta: float = 0.9       # grape_ema: EMA factor of each task's loss
@@ -148,7 +153,13 @@ class ProbeConfig:
     domains: str = "inband"     # where domain gradients come from: "inband" (the training micro-batches,
                                 # needs mixture.batch=domain_pure) or "probe" (extra probe batches)
     window: int = 2             # inband: the last this-many optimizer steps before a round feed it
-    batch_size: int = 4         # sequences per probe batch, per unit and rank (tasks; domains in "probe")
+    batch_size: int = 4         # sequences per probe batch, per unit and rank (tasks; domains in "probe";
+                                # in-band domains that drew no micro-batch in the window)
+    mixture_batches: int = 2    # research form: B_r, the train-mixture and the target-mixture batches
+                                # each clipped on its own (research code: reweight_batch_size //
+                                # reweight_mini_batch_size: 16 // 8 = 2 by default, 32 // 8 = 4 in CLIMB)
+    mixture_batch_size: int | None = None  # sequences per mixture batch, per rank (null:
+                                # train.micro_batch_size, the research code's per_device_train_batch_size)
 
 
 @dataclass
@@ -490,6 +501,11 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _require(pr.estimator in ESTIMATORS, f"probe.estimator: unknown estimator {pr.estimator!r}; choose from {list(ESTIMATORS)}")
     _require(pr.domains in DOMAIN_SOURCES, f"probe.domains: unknown source {pr.domains!r}; choose from {list(DOMAIN_SOURCES)}")
     _require(pr.dim > 0 and pr.batch_size > 0, "probe.dim / probe.batch_size: must be > 0")
+    _require(pr.mixture_batch_size is None or pr.mixture_batch_size > 0,
+             "probe.mixture_batch_size: must be > 0 (or null: train.micro_batch_size)")
+    if mix.form == "research" and mix.method != "static" and mix.every > 0:
+        _require(pr.mixture_batches >= 1, "probe.mixture_batches: the research form needs at least one "
+                 "train-mixture and one target-mixture batch per round (or set mixture.form=alignment)")
     _require(pr.window >= 1, "probe.window: must be >= 1")
     if mix.every > 0:
         _require(pr.window <= mix.every, f"probe.window: {pr.window} exceeds mixture.every={mix.every}")

@@ -7,20 +7,31 @@ gradients (``reference/ALGORITHMS.md`` §9.1: every rule needs only these). The 
 last weights, the running sums behind the averaged weights and the history of every round; its whole
 state is a small JSON-serialisable dict that lives in the checkpoint.
 
-Units are ordered domains first, then tasks: ``gram[:K, :K]`` is domain x domain, ``gram[:K, K:]``
-the alignment matrix W (domain x task), ``gram[K:, K:]`` task x task.
+Rows of the Gram matrix (:class:`RoundStats`): the K domains, the N tasks, then (research form only)
+``train_batches`` train-mixture batches ``e_r`` (drawn from alpha) and ``target_batches``
+target-mixture batches ``c_r`` (drawn from z, after the task update: GRAPE's order). ``W = gram[:K,
+K:K+N]`` is the alignment matrix (domain x task).
 
 Two estimator forms (``params.form``):
 
-* ``research``: the research code's estimators, expressed on the Gram matrix (§4.1-§4.4): every unit
-  gradient clipped to norm ``tau``; the z update's train direction is the clipped alpha-mixture
-  gradient; the alpha update's target direction is the clipped gradient of the (log) pooled z-mixture
-  target loss; z is smoothed with ``task_smoothing`` (the code hard-codes 0.001).
-* ``alignment``: the explicit alignment-matrix form of §4.10, no clipping:
+* ``research``: the research code's estimators exactly (§2.4, §4.1-§4.4), every gradient clipped to
+  norm ``tau`` on its own before anything is averaged:
+
+  - task update: ``u = mean_r clip(e_r)`` (one clip per train-mixture batch), ``h_n = clip(g_n /
+    l_n)`` (``grape``), ``clip(g_n) / ema_n`` (``grape_ema``) or ``clip(g_n)`` (``grape_gap``);
+    ``z <- softmax(log z - mu_task <h_n, u>)``, then smoothed with ``task_smoothing`` (the code
+    hard-codes 0.001);
+  - domain update: ``v = mean_r clip(grad phi(l(c_r)))`` with ``phi = log`` (``grape``,
+    ``grape_ema``, ``doge``) or the identity (``grape_gap``), so a batch's log-loss gradient is
+    ``c_r / l(c_r)`` clipped as a whole; ``g_k`` clipped; ``alpha <- softmax(log alpha + mu_domain
+    <clip(g_k), v>)``.
+* ``alignment``: the explicit alignment-matrix form of §4.10, no clipping and no mixture batches:
   ``z <- softmax(log z - mu_task * sum_k alpha_k W_kn / l_n)`` then
   ``alpha <- softmax(log alpha + mu_domain * sum_n z_n W_kn / l_n)``.
 
-Unlike the research code, alpha never reaches zero (``floor``), so every domain can recover.
+Unlike the research code, an adaptive method's alpha never goes below ``floor``, so every domain can
+recover; the floor is applied here only, and the samplers draw alpha exactly as reported. A static
+mixture has no floor: a weight of 0 is never drawn.
 """
 
 from __future__ import annotations
@@ -31,8 +42,8 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["MixtureController", "METHOD_FNS", "METHODS", "RoundStats", "MethodParams", "Update",
-           "softmax_step"]
+__all__ = ["MixtureController", "METHOD_FNS", "METHODS", "UPDATES_TASKS", "RoundStats", "MethodParams",
+           "Update", "softmax_step"]
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +52,24 @@ _TINY = 1e-30  # keeps log(w) finite
 
 @dataclass(frozen=True)
 class RoundStats:
-    """One round's measurements, reduced over all ranks."""
-    losses: np.ndarray      # [U] mean loss per unit (domains, then tasks)
-    gram: np.ndarray        # [U, U] dot products of the reduced unit gradients
-    counts: np.ndarray      # [U] sequences behind each unit; 0 = not measured this round
+    """One round's measurements, reduced over all ranks. Rows: domains, tasks, train-mixture
+    batches, target-mixture batches (the last two in the research form only)."""
+    losses: np.ndarray      # [U] mean loss per row
+    gram: np.ndarray        # [U, U] dot products of the reduced gradients
+    counts: np.ndarray      # [U] sequences behind each row; 0 = not measured this round
     num_domains: int
+    train_batches: int = 0   # e_r rows after the tasks
+    target_batches: int = 0  # c_r rows after those
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.losses) - self.num_domains - self.train_batches - self.target_batches
+
+    def rows(self, part: str) -> slice:
+        """The rows of ``"domains"``, ``"tasks"``, ``"train_batches"`` or ``"target_batches"``."""
+        k, n, e = self.num_domains, self.num_tasks, self.train_batches
+        return {"domains": slice(0, k), "tasks": slice(k, k + n), "train_batches": slice(k + n, k + n + e),
+                "target_batches": slice(k + n + e, len(self.losses))}[part]
 
 
 @dataclass(frozen=True)
@@ -126,37 +150,47 @@ def _task_scale(variant: str, losses_t: np.ndarray, norms_t: np.ndarray, ema: np
     return _clip_scale(norms_t / losses_t, p.tau) / losses_t
 
 
+def _batch_rows(stats: RoundStats, part: str) -> slice:
+    rows = stats.rows(part)
+    if rows.stop <= rows.start:
+        what = {"train_batches": "train-mixture", "target_batches": "target-mixture"}[part]
+        raise ValueError(f"the research form needs {what} batch rows in the round's Gram matrix "
+                         "(probe.mixture_batches > 0)")
+    return rows
+
+
 def _task_update(variant: str, alpha, z, stats: RoundStats, ema, p: MethodParams):
-    k, g, losses = stats.num_domains, stats.gram, stats.losses
-    w = g[:k, k:]                                   # [K, N] alignment matrix
+    g, losses = stats.gram, stats.losses
+    d, t = stats.rows("domains"), stats.rows("tasks")
     norms = np.sqrt(np.maximum(np.diag(g), 0.0))    # [U]
-    scale_t = _task_scale(variant, losses[k:], norms[k:], ema, p)  # [N]
+    scale_t = _task_scale(variant, losses[t], norms[t], ema, p)  # [N]
     if p.form == "alignment":
-        train_dir = alpha @ w                       # [N]  <sum_k alpha_k g_k, g_n>
+        train_dir = alpha @ g[d, t]                 # [N]  <sum_k alpha_k g_k, g_n>
     else:
-        # u = clip(sum_k alpha_k g_k): its norm from the domain block of the Gram matrix
-        u_norm = np.sqrt(max(float(alpha @ g[:k, :k] @ alpha), 0.0))
-        train_dir = _clip_scale(u_norm, p.tau) * (alpha @ w)
-    score = _fill_missing(scale_t * train_dir, stats.counts[k:] > 0)  # [N] <h_n, u>
+        # u = mean_r clip(e_r): each train-mixture batch clipped on its own, then averaged
+        e = _batch_rows(stats, "train_batches")
+        train_dir = _clip_scale(norms[e], p.tau) @ g[e, t] / (e.stop - e.start)  # [N]  <g_n, u>
+    score = _fill_missing(scale_t * train_dir, stats.counts[t] > 0)  # [N] <h_n, u>
     z_new = softmax_step(z, score, -p.mu_task)
     z_new = (1 - p.task_smoothing) * z_new + p.task_smoothing / len(z_new)
     return z_new, score
 
 
 def _domain_update(variant: str, alpha, z, stats: RoundStats, ema, p: MethodParams):
-    k, g, losses = stats.num_domains, stats.gram, stats.losses
-    w = g[:k, k:]                                   # [K, N]
+    g, losses = stats.gram, stats.losses
+    d, t = stats.rows("domains"), stats.rows("tasks")
     norms = np.sqrt(np.maximum(np.diag(g), 0.0))
     log_target = variant != "grape_gap"
     if p.form == "alignment":
-        denom = (ema if variant == "grape_ema" else losses[k:]) if log_target else np.ones(len(z))
-        score = w @ (z / denom)                     # [K] sum_n z_n W_kn / l_n
+        denom = (ema if variant == "grape_ema" else losses[t]) if log_target else np.ones(len(z))
+        score = g[d, t] @ (z / denom)               # [K] sum_n z_n W_kn / l_n
     else:
-        # v = clip(grad phi(pooled z-mixture loss)); phi = log divides by the pooled loss
-        a = 1.0 / float(z @ losses[k:]) if log_target else 1.0
-        v_norm = a * np.sqrt(max(float(z @ g[k:, k:] @ z), 0.0))
-        score = _clip_scale(norms[:k], p.tau) * _clip_scale(v_norm, p.tau) * a * (w @ z)
-    score = _fill_missing(score, stats.counts[:k] > 0)
+        # v = mean_r clip(grad phi(l(c_r))): phi = log divides batch r's gradient by its loss first
+        c = _batch_rows(stats, "target_batches")
+        a = 1.0 / losses[c] if log_target else np.ones(c.stop - c.start)  # [B]
+        v_coef = _clip_scale(a * norms[c], p.tau) * a / (c.stop - c.start)  # [B]: v = sum_r v_coef_r c_r
+        score = _clip_scale(norms[d], p.tau) * (g[d, c] @ v_coef)          # [K] <clip(g_k), v>
+    score = _fill_missing(score, stats.counts[d] > 0)
     return _apply_floor(softmax_step(alpha, score, p.mu_domain), p.floor), score
 
 
@@ -167,11 +201,12 @@ def _update_ema(ema, losses_t: np.ndarray, beta: float) -> np.ndarray:
 
 
 def _grape_family(variant: str) -> Callable:
-    def method(state: dict, stats: RoundStats, p: MethodParams) -> Update:
+    def method(state: dict, stats: RoundStats, p: MethodParams, tasks_only: bool = False) -> Update:
         alpha, z = np.asarray(state["alpha"]), np.asarray(state["z"])
-        k = stats.num_domains
-        ema = _update_ema(state.get("ema"), stats.losses[k:], p.ema_beta)  # updated before use
+        ema = _update_ema(state.get("ema"), stats.losses[stats.rows("tasks")], p.ema_beta)  # before use
         z_new, task_score = _task_update(variant, alpha, z, stats, ema, p)  # task first (GRAPE order)
+        if tasks_only:
+            return Update(alpha, z_new, ema.tolist(), {"task_score": task_score.tolist()})
         alpha_new, domain_score = _domain_update(variant, alpha, z_new, stats, ema, p)
         return Update(alpha_new, z_new, ema.tolist(),
                       {"alignment": domain_score.tolist(), "task_score": task_score.tolist()})
@@ -181,16 +216,17 @@ def _grape_family(variant: str) -> Callable:
     return method
 
 
-def doge(state: dict, stats: RoundStats, p: MethodParams) -> Update:
+def doge(state: dict, stats: RoundStats, p: MethodParams, tasks_only: bool = False) -> Update:
     """``doge``: domain update only (log-loss target side, as the research configs run it); z frozen."""
     alpha, z = np.asarray(state["alpha"]), np.asarray(state["z"])
-    k = stats.num_domains
-    ema = _update_ema(state.get("ema"), stats.losses[k:], p.ema_beta)
+    ema = _update_ema(state.get("ema"), stats.losses[stats.rows("tasks")], p.ema_beta)
+    if tasks_only:
+        return Update(alpha, z, ema.tolist())
     alpha_new, score = _domain_update("grape", alpha, z, stats, ema, p)
     return Update(alpha_new, z, ema.tolist(), {"alignment": score.tolist()})
 
 
-def static(state: dict, stats: RoundStats, p: MethodParams) -> Update:
+def static(state: dict, stats: RoundStats, p: MethodParams, tasks_only: bool = False) -> Update:
     """``static``: the weights never move (uniform, or a given vector such as CRISP/RegMix/CLIMB)."""
     return Update(np.asarray(state["alpha"]), np.asarray(state["z"]), state.get("ema"))
 
@@ -203,14 +239,20 @@ METHOD_FNS: dict[str, Callable[[dict, RoundStats, MethodParams], Update]] = {
     "doge": doge,
 }
 METHODS = tuple(METHOD_FNS)
+# Methods whose round moves z before alpha: in the research form their target-mixture batches are
+# drawn from the new z (MixtureController.preview_z), after a first reduction.
+UPDATES_TASKS = ("grape", "grape_ema", "grape_gap")
 
 
 def _normalise(w, n: int) -> np.ndarray:
+    """Weights on the simplex (uniform when None); scaled by their largest entry first, so weights
+    near the float64 limit (``[1e308, 1e308, 1]``) do not overflow the sum."""
     if n == 0:
         return np.zeros(0)
     if w is None:
         return np.full(n, 1.0 / n)
     w = np.asarray(w, dtype=np.float64)
+    w = w / w.max()
     return w / w.sum()
 
 
@@ -270,6 +312,19 @@ class MixtureController:
         self.last_diagnostics = upd.diagnostics
         self.history.append(self._entry(step))
         return True
+
+    def preview_z(self, stats: RoundStats) -> np.ndarray:
+        """The z this round's update will set, from the rows measured so far (domains, tasks and
+        train-mixture batches; no target-mixture rows yet). Changes nothing. The research form draws
+        its target-mixture batches from it, as the research code's domain update samples the target
+        mixture after the task update. Methods that do not move z, and rounds with non-finite
+        measurements (which :meth:`round` will skip), give the current z."""
+        finite = np.all(np.isfinite(stats.losses)) and np.all(np.isfinite(stats.gram))
+        if self.method not in UPDATES_TASKS or not finite:
+            return self.z.copy()
+        state = {"alpha": self.alpha, "z": self.z, "ema": self.ema}
+        z = METHOD_FNS[self.method](state, stats, self.params, tasks_only=True).z
+        return z if np.all(np.isfinite(z)) else self.z.copy()
 
     def summary(self) -> dict:
         """What ``mixture.json`` holds."""

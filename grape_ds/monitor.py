@@ -55,6 +55,8 @@ def _layout(domains: list[str], tasks: list[str]) -> dict:
             "task weights (in use)": ["Multiline", [r"mixture/task/.*"]],
             "task weights (average)": ["Multiline", [r"mixture_avg/task/.*"]],
             "eval loss per task": ["Multiline", [r"eval/task_loss/.*"]],
+            # per round: cos(g_domain, g_task); negative = training on the domain hurts the task
+            "gradient cosine domain/task": ["Multiline", [r"reweight/cosine/.*"]],
             # only benchmark tasks with multiple-choice items log these; the charts stay empty otherwise
             "accuracy per task (acc)": ["Multiline", [r"eval/acc/.*"]],
             "accuracy per task (acc_norm)": ["Multiline", [r"eval/acc_norm/.*"]],

@@ -12,9 +12,13 @@ products the controller needs (``reference/ALGORITHMS.md`` §9.4).
 Estimators:
 
 * ``sketch``: a signed bucket sketch. Coordinate ``i`` of parameter ``p`` goes to bucket
-  ``(offset_p + i) mod m`` with a random sign ``s_p[i]``; signs and offsets are drawn from the seed, the
-  same on every rank, and the signs are stored packed (one bit per parameter entry, 1/32 of an fp32
-  copy of the model). The projection is never a P x m matrix. ``E<Sa, Sb> = <a, b>``.
+  ``(offset_p + i) mod m`` with a random sign ``s_p[i]``; signs and offsets are a pure function of
+  ``(seed, round)``, the same on every rank, and the signs are stored packed (one bit per parameter
+  entry, 1/32 of an fp32 copy of the model). The projection is never a P x m matrix.
+  ``E<Sa, Sb> = <a, b>`` over draws of the projection, so the projection is **drawn afresh for every
+  round** (:meth:`GradientProbe.set_round`): with one projection for the whole run, its error on the
+  gradients' persistent components would be the same every round, a bias that accumulates in the
+  weights instead of averaging out (``reference/ALGORITHMS.md`` §9.4: re-draw to decorrelate errors).
 * ``exact``: the identity (``m = P``): the buffer holds the full flattened gradients, so the Gram
   matrix is exact. For small models and as the oracle the sketch is measured against.
 
@@ -30,10 +34,16 @@ import torch.nn.functional as F
 
 from grape_ds.distributed import all_reduce_sum
 
-__all__ = ["GradientProbe", "ESTIMATORS"]
+__all__ = ["GradientProbe", "ESTIMATORS", "sketch_seed"]
 
 ESTIMATORS = ("sketch", "exact")
 _BITS = (1, 2, 4, 8, 16, 32, 64, 128)  # bit i of a packed sign byte
+
+
+def sketch_seed(seed: int, round_key: int) -> int:
+    """The generator seed of round ``round_key``'s projection: a fixed mix of the two integers (the
+    same on every rank and every run, so a resumed run projects as the uninterrupted one did)."""
+    return (int(seed) * 0x9E3779B97F4A7C15 + int(round_key) * 0xBF58476D1CE4E5B9) % (1 << 63)
 
 
 class GradientProbe:
@@ -44,7 +54,7 @@ class GradientProbe:
         num_units: rows of the buffer (domains then tasks).
         estimator: ``"sketch"`` or ``"exact"``.
         dim: sketch dimension m (ignored by ``exact``).
-        seed: seeds the signs and offsets; must be the same on every rank.
+        seed: seeds the signs and offsets (with the round, :meth:`set_round`); the same on every rank.
         staged: keep contributions of the current optimizer step apart until :meth:`commit_step`
             (or :meth:`discard_step`, for a step the engine skipped after an fp16 overflow); costs a
             second ``[units, m]`` buffer. Without it, contributions go straight into the round's sums.
@@ -59,31 +69,42 @@ class GradientProbe:
                  dim: int = 8192, seed: int = 0, staged: bool = False) -> None:
         if estimator not in ESTIMATORS:
             raise ValueError(f"unknown probe estimator {estimator!r}; choose from {list(ESTIMATORS)}")
-        self.estimator, self.num_units, self.staged = estimator, num_units, staged
+        self.estimator, self.num_units, self.staged, self.seed = estimator, num_units, staged, int(seed)
         self.params = [p for p in model.parameters() if p.requires_grad]  # unique: tied counted once
         self.numel = sum(p.numel() for p in self.params)
         self.dim = self.numel if estimator == "exact" else int(dim)
         device = self.params[0].device
-        gen = torch.Generator(device="cpu").manual_seed(seed)  # the same draws on every rank and device
+        self._bits = torch.tensor(_BITS, dtype=torch.uint8, device=device)
         self.offsets: list[int] = []   # exact: start of the parameter in the flat vector; sketch: bucket offset
         self.signs: list[torch.Tensor] = []  # sketch: packed sign bits per parameter, [ceil(n / 8)] uint8
-        start = 0
-        for p in self.params:
-            if estimator == "exact":
-                self.offsets.append(start)
-                start += p.numel()
-            else:
-                self.offsets.append(int(torch.randint(0, self.dim, (1,), generator=gen, device="cpu")))
-                nbytes = (p.numel() + 7) // 8
-                self.signs.append(torch.randint(0, 256, (nbytes,), generator=gen, dtype=torch.uint8,
-                                                device="cpu").to(device))
-        self._bits = torch.tensor(_BITS, dtype=torch.uint8, device=device)
+        if estimator == "exact":
+            self.offsets = [int(x) for x in torch.tensor([0] + [p.numel() for p in self.params[:-1]],
+                                                         device="cpu").cumsum(0)]
+        self.round_key: int | None = None
+        self.set_round(0)
         self.buffer = torch.zeros(num_units, self.dim, dtype=torch.float32, device=device)  # [units, m]
         self.stats = torch.zeros(num_units, 3, dtype=torch.float32, device=device)  # [units, (loss sum, n, seqs)]
         self._pending, self._pending_stats = self._new_pending()
         self.active: int | None = None
         self.scale = 1.0
         self._handles = [p.register_hook(self._make_hook(i)) for i, p in enumerate(self.params)]
+
+    def set_round(self, round_key: int) -> None:
+        """Draw the projection of round ``round_key`` (the sketch's; the exact estimator has none).
+
+        A pure function of ``(seed, round_key)``, drawn on the CPU so every rank and device type gets
+        the same bits. Call it only while the buffer holds nothing (after :meth:`reduce`): rows
+        projected with different draws must not be added together. The loop keys a round by the
+        optimizer step it runs after."""
+        if self.estimator == "exact" or round_key == self.round_key:
+            return
+        gen = torch.Generator(device="cpu").manual_seed(sketch_seed(self.seed, round_key))
+        offsets, signs = [], []
+        for p in self.params:
+            offsets.append(int(torch.randint(0, self.dim, (1,), generator=gen, device="cpu")))
+            signs.append(torch.randint(0, 256, ((p.numel() + 7) // 8,), generator=gen, dtype=torch.uint8,
+                                       device="cpu").to(self._bits.device))
+        self.offsets, self.signs, self.round_key = offsets, signs, round_key
 
     def _new_pending(self) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.staged:
@@ -184,22 +205,28 @@ class GradientProbe:
 
     # -- reduce ---------------------------------------------------------------------------------
 
-    def reduce(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One all_reduce over ranks; returns (projections [U, m], mean losses [U], sequences [U]).
+    def contributions(self) -> torch.Tensor:
+        """This rank's committed contributions per unit (``[U]`` float, on the probe's device)."""
+        return self.stats[:, 1].clone()
+
+    def reduce(self, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One all_reduce over ranks of the units in ``rows`` (all by default); returns their
+        (projections [R, m], mean losses [R], sequences [R]) and resets those rows.
 
         A unit's projection is the mean of its contributions' projected gradients over all ranks,
         i.e. the projection of the gradient of its mean loss over all its batches. Contributions not
-        yet committed (probe batches of a staged probe) are committed first. Resets the buffer.
-        All three results stay on the probe's device.
+        yet committed (probe batches of a staged probe) are committed first. A unit nobody measured
+        has a zero projection, loss 0 and 0 sequences. All three results stay on the probe's device.
         """
         self.commit_step()
-        u, m = self.buffer.shape
-        flat = torch.cat([self.buffer.reshape(-1), self.stats.reshape(-1)])  # [U*m + 3U]
+        buf, st = self.buffer[rows], self.stats[rows]
+        r, m = buf.shape
+        flat = torch.cat([buf.reshape(-1), st.reshape(-1)])  # [R*m + 3R]
         all_reduce_sum(flat)
-        proj, stats = flat[: u * m].view(u, m), flat[u * m:].view(u, 3)
+        proj, stats = flat[: r * m].view(r, m), flat[r * m:].view(r, 3)
         n = stats[:, 1].clamp(min=1)
-        self.buffer.zero_()
-        self.stats.zero_()
+        buf.zero_()
+        st.zero_()
         return proj / n[:, None], stats[:, 0] / n, stats[:, 2]
 
     @staticmethod
@@ -219,7 +246,8 @@ class GradientProbe:
         self.stats.copy_(state["stats"])
 
     def memory_bytes(self) -> int:
-        """What the probe itself holds: the buffers (twice when staged) and the packed signs."""
+        """What the probe itself holds: the buffers (twice when staged) and the packed signs of one
+        round's projection."""
         buffers = (self.buffer.numel() + self.stats.numel()) * 4 * (2 if self.staged else 1)
         return buffers + sum(s.numel() for s in self.signs)
 

@@ -29,9 +29,9 @@ import yaml
 from grape_ds import devices
 from grape_ds.checkpoint import Checkpointer
 from grape_ds.config import Config, ConfigError, config_to_dict, load_config
-from grape_ds.controller import MethodParams, MixtureController, RoundStats
+from grape_ds.controller import UPDATES_TASKS, MethodParams, MixtureController, RoundStats
 from grape_ds.data import MixtureSampler, PackedData, prepare_data
-from grape_ds.data.sampler import probe_windows
+from grape_ds.data.sampler import TARGET_MIXTURE, TRAIN_MIXTURE, mixture_batch, probe_windows
 from grape_ds.distributed import (adopt_slurm_env, all_reduce_sum, barrier, broadcast_object,
                                   get_local_rank, get_rank, get_world_size, setup_logging)
 from grape_ds.evaluation import Evaluator, mc_items_for
@@ -72,10 +72,7 @@ class Run:
     rank: int
     world_size: int
     precision: object      # grape_ds.engine.Precision: autocast and loss scaling of the engine
-
-    @property
-    def num_units(self) -> int:
-        return len(self.data.domains) + len(self.data.tasks)
+    mixture_batches: tuple[int, int] = (0, 0)  # research form: (train-mixture, target-mixture) rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,6 +100,16 @@ def _method_params(cfg: Config) -> MethodParams:
                         task_smoothing=m.task_smoothing, ema_beta=m.ema_beta, floor=m.floor)
 
 
+def mixture_batch_rows(cfg: Config) -> tuple[int, int]:
+    """The research form's extra probe rows: ``(train-mixture, target-mixture)`` batches per round.
+    Only methods that move z need train-mixture batches (the task update's train direction)."""
+    m = cfg.mixture
+    if m.form != "research" or m.method == "static" or m.every <= 0:
+        return 0, 0
+    b = cfg.probe.mixture_batches
+    return (b if m.method in UPDATES_TASKS else 0), b
+
+
 def build_run(cfg: Config, resume: bool = True) -> Run:
     """Data, model, probe, engine, sampler, controller, monitor: everything a run needs, in that order."""
     from grape_ds import engine as ds_engine  # deepspeed import stays out of config-only commands
@@ -121,12 +128,12 @@ def build_run(cfg: Config, resume: bool = True) -> Run:
     # on the engine's device before the probe hooks it, so the probe's buffers are built there
     model = build_model(cfg.model, data.vocab_size, data.eot_id, seed=cfg.train.seed).to(devices.current())
     devices.seed_training_rng(cfg.train.seed, rank)  # dropout masks: a stream per rank, from the seed
-    probe = None
+    probe, batch_rows = None, mixture_batch_rows(cfg)
     if cfg.mixture.method != "static" and cfg.mixture.every > 0:  # hooks before deepspeed.initialize
         # under fp16 a step can overflow and be skipped: its in-band contributions must be droppable
         staged = bool(cfg.ds_config.get("fp16", {}).get("enabled", False))
-        probe = GradientProbe(model, len(data.domains) + len(data.tasks), cfg.probe.estimator,
-                              cfg.probe.dim, cfg.probe.seed, staged=staged)
+        rows = len(data.domains) + len(data.tasks) + sum(batch_rows)
+        probe = GradientProbe(model, rows, cfg.probe.estimator, cfg.probe.dim, cfg.probe.seed, staged=staged)
     engine = ds_engine.build_engine(model, cfg)
     precision = ds_engine.precision(engine)
     if probe is not None:
@@ -138,7 +145,7 @@ def build_run(cfg: Config, resume: bool = True) -> Run:
     sampler = MixtureSampler([data.num_windows(d, "train") for d in data.domains], controller.alpha,
                              seed=cfg.train.seed, rank=rank, world_size=world_size,
                              micro_batch_size=cfg.train.micro_batch_size, mode=mix.batch,
-                             floor=mix.floor, data_hash=data.content_hash)
+                             data_hash=data.content_hash)
     checkpointer = Checkpointer(cfg.run_dir / "checkpoints", cfg.checkpoint.every, cfg.checkpoint.keep_last)
     state = LoopState()
     loaded = checkpointer.load_latest(engine) if resume and cfg.checkpoint.resume else None
@@ -157,6 +164,8 @@ def build_run(cfg: Config, resume: bool = True) -> Run:
                         "after the resume differ from an uninterrupted run's")
         if state.step != engine.global_steps:
             raise RuntimeError(f"checkpoint step {state.step} != engine step {engine.global_steps}")
+    if probe is not None:  # the projection of the round the next in-band steps feed
+        probe.set_round(next_round_step(state.step, cfg.mixture.every))
     evaluator = Evaluator(data, cfg.eval.every, cfg.eval.batch_size, cfg.eval.max_windows, rank,
                           world_size, cfg.run_dir, mc_items=mc_items_for(cfg.data, cfg.eval.max_items),
                           forward_context=precision.forward_context)
@@ -168,7 +177,7 @@ def build_run(cfg: Config, resume: bool = True) -> Run:
                             start_step=state.step, progress=cfg.logging.progress)
     devices.reset_peak_memory(engine.device)
     return Run(cfg, data, engine, sampler, controller, probe, checkpointer, evaluator, monitor, state,
-               rank, world_size, precision)
+               rank, world_size, precision, batch_rows)
 
 
 def _trace_path(cfg: Config, rank: int) -> Path:
@@ -203,32 +212,31 @@ def inband_due(run: Run, step: int) -> bool:
     return r == 0 or r > every - run.cfg.probe.window
 
 
-def _probe_units(run: Run, step: int) -> None:
-    """Probe batches for the tasks (and the domains when they are not in-band): forward on
-    ``engine.module`` and ``torch.autograd.grad``, which never reaches DeepSpeed's gradient hooks,
-    ``p.grad`` or the optimizer. The random state of the CPU and of the engine's device is restored,
-    so training draws nothing different (dropout masks included). Forwards run under the engine's
-    autocast; under fp16 the loss is scaled like training's (so small gradients do not underflow)
-    and the probe divides the scale back out."""
-    cfg, data, probe, engine = run.cfg, run.data, run.probe, run.engine
-    k = len(data.domains)
-    units = [(k + n, t) for n, t in enumerate(data.tasks)]
-    if cfg.probe.domains == "probe":
-        units = [(d, name) for d, name in enumerate(data.domains)] + units
-    module = engine.module
-    with devices.isolated_rng(engine.device):
-        for u, name in units:
-            windows = probe_windows(data.num_windows(name, "train"), cfg.probe.batch_size,
-                                    seed=cfg.train.seed, rank=run.rank, step=step, unit=u)
-            x = _rows(data, name, "train", windows).to(engine.device)
+def next_round_step(step: int, every: int) -> int:
+    """The optimizer step the next round runs after, seen from completed step ``step``: it keys the
+    gradient probe's projection for that round (``GradientProbe.set_round``)."""
+    return (step // every + 1) * every
+
+
+def _probe_rows(run: Run, batches: list[tuple[int, torch.Tensor]]) -> None:
+    """One probe batch per buffer row (moved to the engine's device here): forward on
+    ``engine.module`` and ``torch.autograd.grad``,
+    which never reaches DeepSpeed's gradient hooks, ``p.grad`` or the optimizer. The random state of
+    the CPU and of the engine's device is restored, so training draws nothing different (dropout
+    masks included). Forwards run under the engine's autocast; under fp16 the loss is scaled like
+    training's (so small gradients do not underflow) and the probe divides the scale back out."""
+    probe, module = run.probe, run.engine.module
+    with devices.isolated_rng(run.engine.device):
+        for u, x in batches:
+            x = x.to(run.engine.device)
             with run.precision.forward_context():
                 loss = module(input_ids=x, labels=x).loss
             if run.precision.loss_scaling:
-                _scaled_probe_gradient(run, u, loss, len(windows))
+                _scaled_probe_gradient(run, u, loss, len(x))
             else:
                 with probe.unit(u):
                     torch.autograd.grad(loss, probe.params)
-                probe.record(u, loss, len(windows))
+                probe.record(u, loss, len(x))
 
 
 def _scaled_probe_gradient(run: Run, unit: int, loss: torch.Tensor, sequences: int) -> None:
@@ -248,34 +256,124 @@ def _scaled_probe_gradient(run: Run, unit: int, loss: torch.Tensor, sequences: i
         scale /= 2.0
 
 
-def run_mixture_round(run: Run, step: int) -> None:
-    """The reweighting round, at an accumulation boundary after optimizer step ``step``.
+def unit_batches(data: PackedData, cfg: Config, rank: int, step: int,
+                 units: list[int]) -> list[tuple[int, torch.Tensor]]:
+    """A probe batch (``probe.batch_size`` sequences of this rank, on the host) for each unit row
+    (domains, then tasks) of the round after ``step``."""
+    names = data.domains + data.tasks
+    out = []
+    for u in units:
+        windows = probe_windows(data.num_windows(names[u], "train"), cfg.probe.batch_size,
+                                seed=cfg.train.seed, rank=rank, step=step, unit=u)
+        out.append((u, _rows(data, names[u], "train", windows)))
+    return out
 
-    Probe batches, one all_reduce of the ``[units, m]`` buffer with per-unit losses and counts, the
-    controller's update on rank 0, and a broadcast of its state; every rank's sampler takes the new
-    alpha at its next draw."""
-    if run.probe is not None:
-        _probe_units(run, step)
-        proj, losses, seqs = run.probe.reduce()
-        stats = RoundStats(losses=losses.double().cpu().numpy(), gram=run.probe.gram(proj).cpu().numpy(),
-                           counts=seqs.cpu().numpy(), num_domains=len(run.data.domains))
+
+def mixture_batches(data: PackedData, cfg: Config, rank: int, step: int, stream: int, probs,
+                    first_row: int, count: int) -> list[tuple[int, torch.Tensor]]:
+    """``count`` mixture batches for rows ``first_row, ...`` (on the host): the train mixture
+    (domains from alpha) or the target mixture (tasks from z), each sequence's unit drawn on its own
+    (the research form's ``e_r`` and ``c_r``)."""
+    names = data.domains if stream == TRAIN_MIXTURE else data.tasks
+    sizes = np.array([data.num_windows(n, "train") for n in names], dtype=np.int64)
+    size = cfg.probe.mixture_batch_size or cfg.train.micro_batch_size
+    out = []
+    for r in range(count):
+        draw = mixture_batch(np.asarray(probs, dtype=np.float64), sizes, size, seed=cfg.train.seed,
+                             rank=rank, step=step, stream=stream, index=r)
+        rows = [data.windows(names[u], "train")[w] for u, w in zip(draw.domains, draw.windows)]
+        out.append((first_row + r, torch.from_numpy(np.stack(rows).astype(np.int64))))
+    return out
+
+
+def _unmeasured_domains(run: Run) -> list[int]:
+    """In-band domains that no rank drew in the window (one small all-reduce): they get probe batches,
+    so every domain is measured every round and the task update's train direction keeps every
+    domain's alpha mass (README, "Reweighting")."""
+    k = len(run.data.domains)
+    drawn = all_reduce_sum(run.probe.contributions()[:k]).tolist()
+    return [d for d in range(k) if drawn[d] == 0]
+
+
+def measure_round(run: Run, step: int) -> tuple[RoundStats, int]:
+    """Every row of the round, reduced over all ranks: ``(stats, in-band domains probed because no
+    rank drew them)``.
+
+    Phase one: probe batches for the tasks (and the domains: all of them with ``probe.domains:
+    probe``, the unmeasured ones in-band) and, in the research form, the train-mixture batches; one
+    all-reduce. The research form of a method that moves z first then draws its target-mixture
+    batches from the z that the task update gives (rank 0 computes it from phase one and broadcasts
+    it, :meth:`MixtureController.preview_z`) and reduces them in a second, smaller all-reduce, as
+    the research code samples its target mixture after the task update. Then the probe takes the
+    projection of the next round."""
+    cfg, probe, ctl = run.cfg, run.probe, run.controller
+    k, n = len(run.data.domains), len(run.data.tasks)
+    e_rows, c_rows = run.mixture_batches
+    if cfg.probe.domains == "probe":
+        missing, units = [], list(range(k + n))
     else:
-        stats = None
+        missing = _unmeasured_domains(run)
+        units = missing + list(range(k, k + n))
+    data, rank = run.data, run.rank
+    batches = unit_batches(data, cfg, rank, step, units)
+    batches += mixture_batches(data, cfg, rank, step, TRAIN_MIXTURE, run.sampler.probs, k + n, e_rows)
+    two_phase = c_rows > 0 and ctl.method in UPDATES_TASKS
+    if c_rows and not two_phase:
+        batches += mixture_batches(data, cfg, rank, step, TARGET_MIXTURE, ctl.z, k + n + e_rows, c_rows)
+    _probe_rows(run, batches)
+    first = slice(0, k + n + e_rows) if two_phase else slice(None)
+    proj, losses, seqs = probe.reduce(first)
+    if two_phase:
+        partial = _round_stats(run, proj, losses, seqs, e_rows, 0)
+        z_next = broadcast_object(ctl.preview_z(partial).tolist() if run.rank == 0 else None)
+        _probe_rows(run, mixture_batches(data, cfg, rank, step, TARGET_MIXTURE, z_next, k + n + e_rows, c_rows))
+        proj_c, losses_c, seqs_c = probe.reduce(slice(k + n + e_rows, None))
+        proj, losses, seqs = (torch.cat(pair) for pair in ((proj, proj_c), (losses, losses_c), (seqs, seqs_c)))
+    probe.set_round(next_round_step(step, cfg.mixture.every))
+    return _round_stats(run, proj, losses, seqs, e_rows, c_rows), len(missing)
+
+
+def _round_stats(run: Run, proj, losses, seqs, train_batches: int, target_batches: int) -> RoundStats:
+    return RoundStats(losses=losses.double().cpu().numpy(), gram=run.probe.gram(proj).cpu().numpy(),
+                      counts=seqs.cpu().numpy(), num_domains=len(run.data.domains),
+                      train_batches=train_batches, target_batches=target_batches)
+
+
+def run_mixture_round(run: Run, step: int) -> None:
+    """The reweighting round, at an accumulation boundary after optimizer step ``step``: every row
+    measured (:func:`measure_round`), the controller's update on rank 0, and a broadcast of its
+    state; every rank's sampler takes the new alpha at its next draw."""
+    stats, missing = measure_round(run, step) if run.probe is not None else (None, 0)
     if run.rank == 0:
         run.controller.round(step, stats)
     run.controller.load_state_dict(broadcast_object(run.controller.state_dict(history=False)))
     run.sampler.set_weights(run.controller.alpha)
     if stats is not None:
-        log_round(run, step, stats)
+        log_round(run, step, stats, missing)
 
 
-def log_round(run: Run, step: int, stats: RoundStats) -> None:
+def log_round(run: Run, step: int, stats: RoundStats, missing: int) -> None:
+    """Per unit: loss and gradient norm (a unit nobody measured is left out, not logged as 0); per
+    domain: its alignment score and its cosine with every task's gradient
+    (``reweight/cosine/<domain>/<task>``: do the domains' gradients help or conflict with each
+    task?); how many in-band domains needed a probe batch."""
+    d, t = stats.rows("domains"), stats.rows("tasks")
     units = run.data.domains + run.data.tasks
+    norms = np.sqrt(np.maximum(np.diag(stats.gram), 0.0))
+    measured = [u for u in range(len(units)) if stats.counts[u] > 0]
     m = run.monitor
-    m.vector(step, "reweight/loss", units, stats.losses)
-    m.vector(step, "reweight/grad_norm", units, np.sqrt(np.maximum(np.diag(stats.gram), 0)))
-    m.vector(step, "reweight/alignment", run.data.domains,
-             run.controller.last_diagnostics.get("alignment", [0.0] * len(run.data.domains)))
+    m.vector(step, "reweight/loss", [units[u] for u in measured], stats.losses[measured])
+    m.vector(step, "reweight/grad_norm", [units[u] for u in measured], norms[measured])
+    alignment = run.controller.last_diagnostics.get("alignment")
+    if alignment is not None:
+        m.vector(step, "reweight/alignment", run.data.domains, alignment)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cosine = stats.gram[d, t] / np.outer(norms[d], norms[t])  # [K, N]
+    for k, domain in enumerate(run.data.domains):
+        names = [f"{domain}/{task}" for task in run.data.tasks]
+        ok = [j for j in range(len(run.data.tasks)) if np.isfinite(cosine[k, j])]
+        m.vector(step, "reweight/cosine", [names[j] for j in ok], cosine[k, ok])
+    m.scalars(step, {"reweight/inband_probed": missing})
     log_weights(run, step)
 
 

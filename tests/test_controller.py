@@ -37,23 +37,56 @@ def test_grape_alignment_form_by_hand():
     assert upd.alpha == pytest.approx([0.56443145, 0.43556855])
 
 
-def test_grape_research_form_by_hand():
-    p = MethodParams(mu_domain=3.0, mu_task=2.0, form="research", tau=1.0, task_smoothing=1e-3, floor=0.0)
-    upd = METHOD_FNS["grape"](HALF, _stats(), p)
-    # u = clip(0.5 g0 + 0.5 g1): |u|^2 = alpha^T G_DD alpha = 1.75 -> clip factor 1/sqrt(1.75)
-    # h_n = clip(g_n / l_n): norms/l = [1, 0.25] <= tau, so h_n = g_n / l_n
-    assert upd.diagnostics["task_score"] == pytest.approx([0.37796447, 0.09449112])
-    assert upd.z == pytest.approx([0.36207971, 0.63792029])    # includes the 0.001 smoothing
-    # v = clip(sum_n z_n g_n / sum_n z_n l_n); domain grads clipped to tau: factors [0.5, 1]
-    assert upd.diagnostics["alignment"] == pytest.approx([0.11053032, 0.19473484])
-    assert upd.alpha == pytest.approx([0.43718032, 0.56281968])
+# The research form's rows: d0, d1, t0, t1, then one train-mixture batch e_r per row of E and one
+# target-mixture batch c_r per row of C. Gradients as vectors in R^3; the Gram matrix is theirs.
+def _research_stats(d, t, e, c, task_losses, target_losses):
+    v = np.array([*d, *t, *e, *c], dtype=float)
+    losses = np.array([1.0] * len(d) + list(task_losses) + [1.0] * len(e) + list(target_losses))
+    return RoundStats(losses=losses, gram=v @ v.T, counts=np.full(len(v), 8), num_domains=len(d),
+                      train_batches=len(e), target_batches=len(c))
+
+
+RESEARCH = _research_stats(d=[(2, 0, 0), (0, 1, 0)], t=[(1, 0, 0), (0, 1, 0)], e=[(4, 0, 0), (0, 0.5, 0)],
+                           c=[(3, 0, 0)], task_losses=[1, 2], target_losses=[1.5])
+
+
+def test_grape_research_form_clips_each_mixture_batch_before_averaging():
+    p = MethodParams(mu_domain=1.0, mu_task=1.0, form="research", tau=1.0, task_smoothing=0.0, floor=0.0)
+    upd = METHOD_FNS["grape"](HALF, RESEARCH, p)
+    # u = mean(clip(e_0), clip(e_1)) = mean((1, 0, 0), (0, 0.5, 0)) = (0.5, 0.25, 0)  [clipping the
+    # mean instead, (2, 0.25, 0) / 2.016, would give scores (0.992, 0.031)]
+    # h_0 = clip(t_0 / 1) = (1, 0, 0), h_1 = clip(t_1 / 2) = (0, 0.5, 0): scores <h_n, u> = (0.5, 0.125)
+    assert upd.diagnostics["task_score"] == pytest.approx([0.5, 0.125])
+    assert upd.z == pytest.approx(np.exp([-0.5, -0.125]) / np.exp([-0.5, -0.125]).sum())
+    # v = clip(c_0 / l(c_0)) = clip((2, 0, 0)) = (1, 0, 0); clip(d_0) = (1, 0, 0), clip(d_1) = d_1
+    assert upd.diagnostics["alignment"] == pytest.approx([1.0, 0.0])
+    assert upd.alpha == pytest.approx([np.e / (np.e + 1), 1 / (np.e + 1)])
+
+
+def test_research_form_needs_its_mixture_batches():
+    p = MethodParams(form="research")
+    with pytest.raises(ValueError, match="research form needs train-mixture batch rows"):
+        METHOD_FNS["grape"](HALF, _stats(), p)
+
+
+def test_preview_z_is_the_z_the_round_sets():
+    """The research form draws its target-mixture batches from the z that the task update gives,
+    before the target rows exist: the preview from the first rows equals what the round then sets."""
+    c = MixtureController("grape", ["d0", "d1"], ["t0", "t1"], params=MethodParams(form="research", floor=0.0))
+    first = RoundStats(losses=RESEARCH.losses[:6], gram=RESEARCH.gram[:6, :6], counts=RESEARCH.counts[:6],
+                       num_domains=2, train_batches=2)
+    z = c.preview_z(first)
+    assert c.z.tolist() == [0.5, 0.5]  # nothing changed
+    c.round(10, RESEARCH)
+    assert c.z.tolist() == z.tolist()
 
 
 def test_grape_and_gap_coincide_when_clipping_binds():
     # Research code §4.4: with every norm above tau, clip(g/l) == clip(g), so z moves identically.
-    big = G * 100
+    big = _research_stats(d=[(20, 0, 0), (0, 10, 0)], t=[(10, 0, 0), (0, 10, 0)], e=[(40, 0, 0), (0, 5, 5)],
+                          c=[(30, 0, 0)], task_losses=[2, 3], target_losses=[1.5])
     p = MethodParams(form="research", tau=1.0, floor=0.0)
-    a, b = METHOD_FNS["grape"](HALF, _stats(big), p), METHOD_FNS["grape_gap"](HALF, _stats(big), p)
+    a, b = METHOD_FNS["grape"](HALF, big, p), METHOD_FNS["grape_gap"](HALF, big, p)
     assert a.z == pytest.approx(b.z)
     # ...and they differ without clipping, where the 1/l scaling survives
     q = MethodParams(form="alignment", floor=0.0)
@@ -91,10 +124,12 @@ def test_weights_stay_on_simplex_above_floor_and_recover_from_zero(method):
                           params=MethodParams(mu_domain=50, mu_task=50, floor=1e-3))
     assert c.alpha.min() >= 1e-3 - 1e-12
     for step in range(1, 30):
-        m = rng.normal(size=(5, 20))
+        m = rng.normal(size=(7, 20))  # a, b, c, x, y, one train- and one target-mixture batch
         m[1] += 3 * (m[3] + m[4])  # domain b helps both tasks
+        m[6] += m[3] + m[4]        # the target mixture holds both tasks
         gram = m @ m.T
-        c.round(step, RoundStats(losses=rng.uniform(1, 5, 5), gram=gram, counts=np.ones(5), num_domains=3))
+        c.round(step, RoundStats(losses=rng.uniform(1, 5, 7), gram=gram, counts=np.ones(7), num_domains=3,
+                                 train_batches=1, target_batches=1))
         assert c.alpha.sum() == pytest.approx(1) and c.z.sum() == pytest.approx(1)
         assert c.alpha.min() >= 1e-3 * 0.99 and np.all(np.isfinite(c.alpha)) and np.all(np.isfinite(c.z))
     assert c.alpha[1] > 0.5  # b started at zero and came back
@@ -134,6 +169,13 @@ def test_averages_history_and_state_round_trip():
     c.round(30, _stats())
     d.round(30, _stats())
     assert d.alpha.tolist() == c.alpha.tolist()
+
+
+def test_weights_near_the_float_limit_are_normalised_without_overflow():
+    c = MixtureController("static", list("abcdef"), ["t"], alpha0=[1e308, 1e308, 1, 1, 1, 1])
+    assert np.all(np.isfinite(c.alpha)) and c.alpha[:2] == pytest.approx([0.5, 0.5])
+    g = MixtureController("grape", list("abc"), ["t"], alpha0=[1e308, 1e308, 1], params=MethodParams(floor=1e-3))
+    assert np.all(np.isfinite(g.alpha)) and g.alpha.min() >= 1e-3 - 1e-12
 
 
 def test_unknown_method_and_foreign_state():

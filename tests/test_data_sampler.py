@@ -3,14 +3,14 @@
 import numpy as np
 import pytest
 
-from grape_ds.data.sampler import MixtureSampler, floored_probabilities
+from grape_ds.data.sampler import MixtureSampler, mixture_probabilities
 
 SIZES = [50, 80, 120, 30]
 
 
-def _sampler(rank=0, weights=(1, 1, 1, 1), mode="domain_pure", floor=0.0, seed=7, mb=8):
+def _sampler(rank=0, weights=(1, 1, 1, 1), mode="domain_pure", seed=7, mb=8):
     return MixtureSampler(SIZES, weights, seed=seed, rank=rank, world_size=2, micro_batch_size=mb,
-                          mode=mode, floor=floor, data_hash="h")
+                          mode=mode, data_hash="h")
 
 
 def _stream(s, steps=20, gas=2):
@@ -62,17 +62,22 @@ def test_set_weights_takes_effect_at_next_draw():
     assert s.draw(30, 0).pure_domain == 0
 
 
-def test_floor_keeps_every_domain_alive():
-    p = floored_probabilities([1, 0, 0, 0], 0.01)
-    assert p.min() == pytest.approx(0.01) and p.sum() == pytest.approx(1.0)
-    s = _sampler(weights=[1, 0, 0, 0], floor=0.05)
+def test_weights_are_drawn_exactly_and_zero_means_never():
+    """No floor in the sampler (the controller keeps adaptive weights above it): what is reported is
+    what is drawn, and a static weight of 0 is never drawn."""
+    s = _sampler(weights=[0, 1, 1, 2], mode="mixed")
+    assert s.probs.tolist() == [0.0, 0.25, 0.25, 0.5]
     _stream(s, steps=2000)
-    assert np.all(s.pop_realised()[1:] > 0.02)
+    shares = s.pop_realised()
+    assert shares[0] == 0 and shares[1:] == pytest.approx([0.25, 0.25, 0.5], abs=0.01)
 
 
-def test_weights_are_validated():
+def test_weights_are_validated_and_normalised_without_overflow():
     with pytest.raises(ValueError, match="not all zero"):
-        floored_probabilities([0, 0], 0.0)
+        mixture_probabilities([0, 0])
+    with pytest.raises(ValueError, match="finite"):
+        mixture_probabilities([1, float("inf")])
+    assert mixture_probabilities([1e308, 1e308, 1, 1]).tolist() == pytest.approx([0.5, 0.5, 0, 0])
     with pytest.raises(ValueError, match="3 weights for 4 domains"):
         _sampler().set_weights([1, 1, 1])
 

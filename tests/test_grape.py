@@ -2,7 +2,9 @@
 
 - the planted corpus: grape finds the relevant domains and the hard task, doge raises the relevant
   domains (ground truth from grape_ds.data.planted); static staying exactly put is in test_train.py;
-- every rank holds identical alpha and z after every round.
+- every rank holds identical alpha and z after every round;
+- the weights TensorBoard reports are the ones sampled (one floor, in the controller), and every
+  domain is measured in every round: an in-band domain no rank drew in the window gets a probe batch.
 
 The frozen-probe and exact-resume guarantees are asserted in tests/test_gpu_check.py, by the GPU
 check's own code run on 2 CPU ranks.
@@ -83,3 +85,38 @@ def test_tensorboard_has_the_reweighting_tags(planted):
     mixture = _mixture(planted / "grape")
     assert mixture["domains"] == domains and mixture["tasks"] == tasks
     assert {"alpha", "alpha_avg", "z", "z_avg", "history"} <= set(mixture)
+
+
+def _scalars(run: Path) -> dict[str, dict[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+def test_reported_weights_are_the_sampled_ones(planted):
+    """mixture/domain (the sampler's probabilities) equals the controller's alpha after every round:
+    no second floor between what is reported and what is drawn."""
+    tb = _scalars(planted / "grape")
+    for entry in _mixture(planted / "grape")["history"][1:]:
+        logged = [tb[f"mixture/domain/domain_{k}"][entry["step"]] for k in range(6)]
+        assert logged == pytest.approx(entry["alpha"], abs=1e-7)  # TensorBoard keeps float32
+
+
+def test_every_domain_is_measured_every_round(planted):
+    """With in-band domain gradients, the domains no rank drew in a round's window (trace) are the
+    ones probed with a probe batch (reweight/inband_probed), so every domain has a gradient in every
+    round and the task update's train direction keeps all of alpha."""
+    tb, every, window = _scalars(planted / "grape"), 10, 2
+    rows = [r for rank in (0, 1) for r in map(json.loads, (planted / "grape" / "trace" / f"rank{rank}.jsonl")
+                                               .read_text().splitlines()) if "micro" in r]
+    probed = []
+    for step in range(every, STEPS["grape"] + 1, every):
+        drawn = {d for r in rows if step - window < r["step"] <= step for d in r["domains"]}
+        assert tb["reweight/inband_probed"][step] == 6 - len(drawn), step
+        probed.append(6 - len(drawn))
+        for k in range(6):
+            assert tb[f"reweight/grad_norm/domain_{k}"][step] > 0, (step, k)
+    assert sum(probed) > 0  # the window missed some domain in some round, and it was measured anyway
+    cosines = [tb[f"reweight/cosine/domain_{k}/task_{n}"][every] for k in range(6) for n in range(3)]
+    assert all(-1 <= c <= 1 for c in cosines)

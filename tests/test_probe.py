@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 
+import numpy as np
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -108,3 +109,32 @@ def test_exact_gram_reduced_over_two_ranks_equals_single_process_union():
     full = _capture(model, probe, union)
     assert torch.allclose(g0, full @ full.T, rtol=1e-5, atol=1e-7)
     assert torch.allclose(l0.double(), torch.tensor([probe.stats[u, 0].item() for u in range(3)]).double(), rtol=1e-5)
+
+
+def test_sketch_is_unbiased_over_projection_draws_and_drawn_afresh_each_round():
+    """E<Sa, Sb> = <a, b> over draws of the projection: with one projection per round (set_round),
+    the mean over many rounds of a sketched inner product is within its standard error of the exact
+    one, whereas any single projection is off by its own fixed error."""
+    model = _model()
+    a_b = [torch.autograd.grad(model(input_ids=x, labels=x).loss, list(model.parameters())) for x in _batches(2)]
+    exact = sum(float((ga.double() * gb.double()).sum()) for ga, gb in zip(*a_b))
+    probe = GradientProbe(model, 2, "sketch", dim=64, seed=5)
+    draws = []
+    for r in range(300):
+        probe.set_round(r)
+        for u, grads in enumerate(a_b):
+            with probe.unit(u):
+                for i, g in enumerate(grads):
+                    probe._add(i, g)  # what the hooks do with these gradients
+            probe.record(u, 1.0, 1)
+        proj, _, _ = probe.reduce()
+        draws.append(float(GradientProbe.gram(proj)[0, 1]))
+    draws = np.array(draws)
+    se = draws.std(ddof=1) / np.sqrt(len(draws))
+    assert abs(draws.mean() - exact) < 3 * se, (draws.mean(), exact, se)
+    assert draws.std() > 0.05 * abs(exact)   # each round's projection differs (m = 64 is noisy)
+    probe.set_round(7)
+    again = probe.signs[0].clone()
+    probe.set_round(8)
+    probe.set_round(7)
+    assert torch.equal(again, probe.signs[0])  # a pure function of (seed, round): resume is exact

@@ -1,7 +1,7 @@
 """End-to-end: real ranks through the ``deepspeed`` launcher on the planted corpus (2 ranks, gloo).
 
-One run of 2S steps with the static uniform mixture (the demo itself is GRAPE; tests/test_grape.py
-covers that path). Exact resume is asserted on GRAPE runs, which take every path a static run takes
+One run of 2S steps with a static mixture that gives domain_0 a weight of 0 and the others equal
+ones (the demo itself is GRAPE; tests/test_grape.py covers that path). Exact resume is asserted on GRAPE runs, which take every path a static run takes
 and more: stopped and resumed in tests/test_gpu_check.py, signalled in tests/test_preempt.py,
 interrupted under SLURM in tests/test_slurm.py, after a corrupt checkpoint in tests/test_checkpoint.py.
 """
@@ -19,6 +19,7 @@ from conftest import launch
 pytestmark = pytest.mark.slow
 
 S = 20  # TINY runs 2S = 40 steps, with checkpoints and evaluations every S
+WEIGHTS = [0, 1, 1, 1, 1, 1]  # a static weight of 0 means never drawn
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -35,7 +36,8 @@ def _trace(run_dir: Path, rank: int) -> list[dict]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data_cache):
     root = tmp_path_factory.mktemp("runs")
-    launch(root, data_cache, ["logging.trace_batches=true", "mixture.method=static", "logging.run_name=full"])
+    launch(root, data_cache, ["logging.trace_batches=true", "mixture.method=static", "logging.run_name=full",
+                              f"mixture.weights={WEIGHTS}"])
     return {"full": root / "full"}
 
 
@@ -59,9 +61,9 @@ def test_ranks_draw_different_sequences_and_seeds_repeat(runs):
     cfg = load_run_config(runs["full"])
     data = prepare_data(cfg.data)
     for rank, trace in ((0, full0), (1, full1)):
-        sampler = MixtureSampler([data.num_windows(d, "train") for d in data.domains], [1.0] * 6,
+        sampler = MixtureSampler([data.num_windows(d, "train") for d in data.domains], WEIGHTS,
                                  seed=cfg.train.seed, rank=rank, world_size=2,
-                                 micro_batch_size=cfg.train.micro_batch_size, floor=cfg.mixture.floor)
+                                 micro_batch_size=cfg.train.micro_batch_size)
         for row in trace:
             draw = sampler.draw(row["step"] - 1, row["micro"])
             assert (draw.domains.tolist(), draw.windows.tolist()) == (row["domains"], row["windows"])
@@ -90,7 +92,7 @@ def test_run_directory_outputs(runs):
     run = runs["full"]
     mixture = json.loads((run / "mixture.json").read_text())
     assert mixture["domains"] == [f"domain_{k}" for k in range(6)]
-    assert mixture["alpha"] == [1 / 6] * 6 and mixture["z"] == [1 / 3] * 3  # static: exactly put
+    assert mixture["alpha"] == [0.0] + [0.2] * 5 and mixture["z"] == [1 / 3] * 3  # static: exactly put
     assert len(mixture["history"]) == 1  # rounds were due every 10 steps; static keeps one entry
     assert (run / "config.yaml").exists() and json.loads((run / "ds_config.json").read_text())["train_batch_size"] == 16
     evals = [json.loads(line) for line in (run / "eval" / "eval.jsonl").read_text().splitlines()]
@@ -98,3 +100,10 @@ def test_run_directory_outputs(runs):
     assert set(evals[-1]["domain_loss"]) == set(mixture["domains"])
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir())
     assert ckpts == [f"step{S:08d}", f"step{2 * S:08d}"]
+
+
+def test_static_weight_of_zero_is_never_drawn_and_the_rest_as_written(runs):
+    draws = [d for rank in (0, 1) for row in _trace(runs["full"], rank) for d in row["domains"]]
+    counts = np.bincount(draws, minlength=6)
+    assert counts[0] == 0 and counts.sum() == 2 * 2 * S * 2 * 4  # 2 ranks x 2S steps x 2 micro x 4
+    assert np.all(counts[1:] > 0)

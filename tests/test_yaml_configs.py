@@ -301,3 +301,15 @@ def test_sections_and_keys_follow_demo_order(stem):
     assert list(mine) == list(demo)  # model, data, mixture, probe, train, deepspeed, eval, checkpoint, logging
     for section in demo:
         assert _in_same_order(list(mine[section]), list(demo[section])), section
+
+
+@pytest.mark.parametrize("stem", sorted(GRID))
+def test_research_mixture_batches(stem):
+    """§2.4/§5.1: B_r = reweight_batch_size // reweight_mini_batch_size mixture batches of
+    per_device_train_batch_size sequences (split over the launch's ranks, as the unit batches are)."""
+    family = stem.split("_")[0]
+    b_r, per_device = {"climblab": (32 // 8, 16), "wiki40b": (16 // 8, 16), "slimpajama": (32 // 8, 8)}[family]
+    cfg = _load(stem)
+    ranks = GLOBAL_BATCH[family] // (cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps)
+    assert cfg.probe.mixture_batches == b_r
+    assert cfg.probe.mixture_batch_size * ranks == per_device

@@ -8,6 +8,8 @@ apply at the next draw without rebuilding anything.
 
 A draw returns, per sequence, a (domain, window) pair: domains are chosen with the mixture
 probabilities, windows uniformly with replacement inside the domain (as the research code does).
+The sampler draws exactly the weights it is given (normalised): a weight of 0 is never drawn. Keeping
+adaptive weights above a floor is the controller's job, so what it reports is what is sampled.
 ``domain_pure`` draws one domain per micro-batch (what the in-band gradient probe needs);
 ``mixed`` draws a domain per sequence. No per-row weight list is ever built.
 """
@@ -18,7 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["MixtureSampler", "Draw", "floored_probabilities", "draw_indices", "probe_windows"]
+__all__ = ["MixtureSampler", "Draw", "mixture_probabilities", "draw_indices", "probe_windows", "mixture_batch",
+           "TRAIN_MIXTURE", "TARGET_MIXTURE"]
 
 _PHILOX_SALT = 0x6772617065  # "grape": keeps our streams apart from other Philox users of the seed
 
@@ -36,21 +39,20 @@ class Draw:
         return first if bool((self.domains == first).all()) else None
 
 
-def floored_probabilities(weights, floor: float) -> np.ndarray:
-    """Normalise ``weights`` and mix with uniform so every entry is >= ``floor``.
+def mixture_probabilities(weights) -> np.ndarray:
+    """``weights`` [K] normalised to the simplex, exactly (no floor; a 0 stays 0). Scaled by their
+    largest entry first, so weights near the float64 limit do not overflow the sum.
 
-    ``p = floor + (1 - K * floor) * w / sum(w)``: on the simplex, never below the floor, and equal to
-    the normalised weights when ``floor`` is 0.
+    Raises:
+        ValueError: not a non-empty vector of finite, non-negative weights with a positive entry.
     """
     w = np.asarray(weights, dtype=np.float64)  # [K]
-    k = w.shape[0]
-    if w.ndim != 1 or k == 0:
+    if w.ndim != 1 or w.shape[0] == 0:
         raise ValueError(f"weights must be a non-empty vector, got shape {w.shape}")
-    if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+    if not np.all(np.isfinite(w)) or np.any(w < 0) or not w.max() > 0:
         raise ValueError(f"weights must be finite, non-negative and not all zero, got {w.tolist()}")
-    if not 0 <= floor * k < 1:
-        raise ValueError(f"floor {floor} x {k} domains must be in [0, 1)")
-    return floor + (1.0 - k * floor) * (w / w.sum())
+    w = w / w.max()
+    return w / w.sum()
 
 
 def _generator(seed: int, rank: int, step: int, micro_step: int) -> np.random.Generator:
@@ -82,6 +84,19 @@ def probe_windows(size: int, batch: int, *, seed: int, rank: int, step: int, uni
     return np.minimum((rng.random(batch) * size).astype(np.int64), size - 1)
 
 
+TRAIN_MIXTURE, TARGET_MIXTURE = 2, 3  # streams of a round's mixture batches (1 is the unit probes')
+
+
+def mixture_batch(probs: np.ndarray, sizes: np.ndarray, batch: int, *, seed: int, rank: int, step: int,
+                  stream: int, index: int) -> Draw:
+    """Batch ``index`` of a reweighting round's mixture ``stream`` (:data:`TRAIN_MIXTURE`: domains
+    from alpha; :data:`TARGET_MIXTURE`: tasks from z) at the round after ``step``: every sequence's
+    unit drawn from ``probs`` [U], its window uniform in ``sizes`` [U], as the research code's
+    ``M_train(alpha)`` / ``M_tgt(z)`` batches are. A pure function, apart from every other stream."""
+    return draw_indices(probs, sizes, batch, False, seed=seed, rank=rank, step=step,
+                        micro_step=(stream << 32) + index)
+
+
 class MixtureSampler:
     """Draws micro-batches for one rank from the current mixture weights.
 
@@ -92,20 +107,18 @@ class MixtureSampler:
         rank: this process's global rank; ``world_size`` is only recorded.
         micro_batch_size: sequences per draw.
         mode: ``"domain_pure"`` or ``"mixed"``.
-        floor: minimum probability of every domain.
         data_hash: content hash of the packed data; a checkpoint from other data is refused.
     """
 
     def __init__(self, sizes, weights, *, seed: int, rank: int, world_size: int,
-                 micro_batch_size: int, mode: str = "domain_pure", floor: float = 0.0,
-                 data_hash: str = "") -> None:
+                 micro_batch_size: int, mode: str = "domain_pure", data_hash: str = "") -> None:
         if mode not in ("domain_pure", "mixed"):
             raise ValueError(f"unknown batch mode {mode!r}; choose 'domain_pure' or 'mixed'")
         self.sizes = np.asarray(sizes, dtype=np.int64)  # [K]
         if np.any(self.sizes <= 0):
             raise ValueError(f"every domain needs at least one window, got sizes {self.sizes.tolist()}")
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
-        self.micro_batch_size, self.mode, self.floor = int(micro_batch_size), mode, float(floor)
+        self.micro_batch_size, self.mode = int(micro_batch_size), mode
         self.data_hash = data_hash
         self.counts = np.zeros(len(self.sizes), dtype=np.int64)  # [K] realised since the last pop
         self.set_weights(weights)
@@ -119,8 +132,7 @@ class MixtureSampler:
         w = np.asarray(weights, dtype=np.float64)
         if w.shape != self.sizes.shape:
             raise ValueError(f"{w.shape[0] if w.ndim else 0} weights for {self.num_domains} domains")
-        self.probs = floored_probabilities(w, self.floor)  # [K]
-        self.weights = w / w.sum()
+        self.probs = mixture_probabilities(w)  # [K], what is drawn
 
     def draw(self, step: int, micro_step: int) -> Draw:
         """The micro-batch of optimizer step ``step`` (0-based), micro-batch ``micro_step``."""
@@ -139,8 +151,8 @@ class MixtureSampler:
     # the weights in use and what identifies the stream; the realised counts are per-rank state that
     # the loop saves separately.
     def state_dict(self) -> dict:
-        return {"seed": self.seed, "weights": self.weights.tolist(), "mode": self.mode,
-                "floor": self.floor, "data_hash": self.data_hash}
+        return {"seed": self.seed, "weights": self.probs.tolist(), "mode": self.mode,
+                "data_hash": self.data_hash}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("data_hash", "") != self.data_hash:
