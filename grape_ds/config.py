@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -267,8 +268,9 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
                 return _coerce(value, arg, path)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise errors[0] if len(errors) == 1 else ConfigError(
-            f"{path}: expected one of {[_type_name(a) for a in args]}, got {value!r}")
+        if len(errors) == 1:
+            raise ConfigError(errors[0])
+        raise ConfigError(f"{path}: expected one of {[_type_name(a) for a in args]}, got {value!r}")
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
@@ -293,14 +295,19 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return int(value)
         raise ConfigError(f"{path}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{path}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        if not math.isfinite(number):  # no key of the config means anything by .inf or .nan
+            raise ConfigError(f"{path}: must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -527,10 +534,14 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     # eval / checkpoint / logging
     _require(cfg.eval.batch_size > 0, "eval.batch_size: must be > 0")
     _require(cfg.eval.max_items is None or cfg.eval.max_items > 0, "eval.max_items: must be > 0 (or null)")
+    _require(cfg.eval.max_windows is None or cfg.eval.max_windows > 0,
+             "eval.max_windows: must be > 0 (or null: every validation window)")
     _require(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last: must be >= 1")
     _require(cfg.logging.every > 0, "logging.every: must be > 0")
-    _require(bool(cfg.logging.run_name) and "/" not in cfg.logging.run_name,
-             "logging.run_name: a non-empty name without '/'")
+    name = cfg.logging.run_name
+    _require(bool(name.strip()) and name not in (".", "..") and not any(c in name for c in "/\\\0"),
+             f"logging.run_name: {name!r} is not a folder name; give a non-empty name without '/', "
+             "'\\' or NUL that is not '.' or '..'")
     _require(cfg.deepspeed.timeout_minutes > 0, "deepspeed.timeout_minutes: must be > 0")
     cfg.logging.output_dir = str(Path(cfg.logging.output_dir).resolve())
     cfg.ds_config = _resolve_ds_config(cfg, world_size)

@@ -188,11 +188,10 @@ def _records(spec: BenchmarkSpec, src: SourceConfig, split: str) -> Iterator[tup
     source, keep = _resolve_split(spec, split)
     rows = _local_rows(spec, Path(src.path), source) if src.path else _hub_rows(spec, src, source)
     for index, (record, where) in enumerate(rows):
-        if index == 0:
-            for column in spec.columns:
-                if column not in record:
-                    raise missing_field(column, where, list(record),
-                                        hint=f"benchmark {spec.name} reads {list(spec.columns)}.")
+        for column in spec.columns:  # every row: a data set can change its columns part-way
+            if column not in record:
+                raise missing_field(column, f"benchmark {spec.name}, split {split!r}, row {index} ({where})",
+                                    list(record), hint=f"benchmark {spec.name} reads {list(spec.columns)}.")
         if keep is None or keep(index):
             yield index, record, where
 
@@ -205,6 +204,9 @@ def _convert(fn: Callable[[Record], _T], record: Record, spec: BenchmarkSpec, sp
         raise ValueError(f"benchmark {spec.name}, split {split!r}, row {index} ({where}): no gold answer "
                          f"({exc}); an unlabelled split cannot be used (for PIQA and HellaSwag, use "
                          "'validation' instead of 'test')") from None
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:  # a malformed row
+        raise ValueError(f"benchmark {spec.name}, split {split!r}, row {index} ({where}): cannot read the "
+                         f"row ({type(exc).__name__}: {exc}); its fields are {sorted(record)}") from None
 
 
 def _split_files(spec: BenchmarkSpec, root: Path, source: str) -> list[Path]:

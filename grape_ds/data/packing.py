@@ -308,7 +308,7 @@ def _build(cfg: DataConfig, units: list[_Unit], identity: dict, digest: str, roo
         corpus = planted.generate(cfg.planted) if cfg.planted is not None else None
 
         def documents(unit: _Unit) -> Iterator[Document]:
-            return iter(corpus[unit.name]) if corpus is not None else iter_documents(unit.source)
+            return iter(corpus[unit.name]) if corpus is not None else _named(unit, iter_documents(unit.source))
 
         tok_id = identity["tokenizer"]
         fingerprint = f"bpe{tok_id.get('bpe_vocab_size')}-{tok_id.get('training_text')}"
@@ -345,6 +345,15 @@ def _build(cfg: DataConfig, units: list[_Unit], identity: dict, digest: str, roo
             log.info("another process packed %s first; using its copy", root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _named(unit: _Unit, docs: Iterator[Document]) -> Iterator[Document]:
+    """``docs``, with the unit (domain or task) named in front of any error reading them raises."""
+    try:
+        yield from docs
+    except (ValueError, OSError, RuntimeError) as exc:
+        exc.args = (f"{unit.kind} {unit.name!r}: {exc}",)
+        raise
 
 
 def _check_gpt2_id_units(units: list[_Unit], tokenizer_name: str | None,

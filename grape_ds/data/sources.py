@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 from grape_ds.config import CORPUS_TYPES, SourceConfig
 
 __all__ = ["Document", "iter_documents", "source_files", "SUFFIXES", "hub_records", "iter_parquet_rows",
-           "iter_json_records", "open_text", "missing_field"]
+           "iter_json_records", "numbered_json_records", "open_text", "missing_field"]
 
 Document = str | list[int]
 
@@ -145,8 +145,22 @@ def iter_json_records(path: Path) -> Iterator[dict]:
     line), or of a ``.json`` file holding either JSON lines or one array of objects.
 
     Raises:
-        ValueError: a line is not valid JSON, or a record is not an object (the message names the line).
+        ValueError: a line is not valid JSON or not UTF-8, or a record is not an object (the message
+            names the file and line).
     """
+    for _, record in numbered_json_records(path):
+        yield record
+
+
+def numbered_json_records(path: Path) -> Iterator[tuple[int, dict]]:
+    """``(line number, record)`` of :func:`iter_json_records` (for a JSON array: the 1-based index)."""
+    try:
+        yield from _numbered_json_records(path)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text ({exc})") from None
+
+
+def _numbered_json_records(path: Path) -> Iterator[tuple[int, dict]]:
     with open_text(path) as f:
         if path.name.endswith(".json"):
             text = f.read()
@@ -169,11 +183,11 @@ def _parsed_lines(path: Path, lines: Iterable[str]) -> Iterator[tuple[int, Any]]
             raise ValueError(f"{path}:{number}: not valid JSON: {exc}") from None
 
 
-def _objects(path: Path, numbered: Iterable[tuple[int, Any]]) -> Iterator[dict]:
+def _objects(path: Path, numbered: Iterable[tuple[int, Any]]) -> Iterator[tuple[int, dict]]:
     for number, record in numbered:
         if not isinstance(record, dict):
             raise ValueError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-        yield record
+        yield number, record
 
 
 def iter_parquet_rows(path: Path, columns: list[str]) -> Iterator[dict]:
@@ -194,8 +208,17 @@ def iter_parquet_rows(path: Path, columns: list[str]) -> Iterator[dict]:
 
 
 def _check_value(value: Any, field: str, where: str) -> Document:
-    """A document value must be text, or a list of ints (pre-tokenised ids)."""
+    """A document value must be text that UTF-8 can encode (no unpaired surrogate such as
+    ``"\\ud800"``, which is valid JSON but no text a tokenizer can read), or a list of ints
+    (pre-tokenised ids)."""
     if isinstance(value, str):
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ValueError(f"{where}: field {field!r} holds text that is not valid Unicode "
+                                 f"({exc.reason} at character {exc.start}: {value[max(0, exc.start - 20):exc.start]!r}"
+                                 f"...); fix or drop the record") from None
         return value
     if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value[:8]):
         return value
@@ -211,8 +234,8 @@ def missing_field(field: str, where: str, present: list[str],
 
 def _iter_jsonl(src: SourceConfig) -> Iterator[Document]:
     for path in source_files(src):
-        for number, record in enumerate(iter_json_records(path), 1):
-            where = f"{path} (record {number})"
+        for line, record in numbered_json_records(path):
+            where = f"{path}:{line}"
             if src.field not in record:
                 raise missing_field(src.field, where, list(record))
             yield _check_value(record[src.field], src.field, where)
@@ -221,16 +244,23 @@ def _iter_jsonl(src: SourceConfig) -> Iterator[Document]:
 def _iter_text(src: SourceConfig) -> Iterator[Document]:
     """Plain text: documents are separated by one or more blank lines."""
     for path in source_files(src):
-        with open_text(path) as f:
-            lines: list[str] = []
-            for line in f:
-                if line.strip():
-                    lines.append(line.rstrip("\n"))
-                elif lines:
-                    yield "\n".join(lines)
-                    lines = []
-            if lines:
+        try:
+            yield from _text_documents(path)
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path}: not UTF-8 text ({exc})") from None
+
+
+def _text_documents(path: Path) -> Iterator[str]:
+    with open_text(path) as f:
+        lines: list[str] = []
+        for line in f:
+            if line.strip():
+                lines.append(line.rstrip("\n"))
+            elif lines:
                 yield "\n".join(lines)
+                lines = []
+        if lines:
+            yield "\n".join(lines)
 
 
 def _iter_parquet(src: SourceConfig) -> Iterator[Document]:

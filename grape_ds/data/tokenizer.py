@@ -20,7 +20,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from grape_ds.config import TokenizerConfig
 
-__all__ = ["load_or_train_tokenizer", "train_bpe", "EOT_TOKEN", "MAX_TRAIN_CHARS"]
+__all__ = ["load_or_train_tokenizer", "load_named", "train_bpe", "EOT_TOKEN", "MAX_TRAIN_CHARS"]
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def load_or_train_tokenizer(tok_cfg: TokenizerConfig, train_texts: Callable[[], 
         ValueError: the named tokenizer is not a fast tokenizer or has no end-of-text (eos) token.
     """
     if tok_cfg.name is not None:
-        return _load_named(tok_cfg.name)
+        return load_named(tok_cfg.name)
     folder = Path(cache_dir) / "tokenizers" / fingerprint
     if (folder / "tokenizer.json").is_file():
         tokenizer = PreTrainedTokenizerFast.from_pretrained(str(folder))
@@ -57,9 +57,15 @@ def load_or_train_tokenizer(tok_cfg: TokenizerConfig, train_texts: Callable[[], 
     return tokenizer, eot_id
 
 
-def _load_named(name: str) -> tuple[PreTrainedTokenizerFast, int]:
+def load_named(name: str, local_files_only: bool = False) -> tuple[PreTrainedTokenizerFast, int]:
+    """A named tokenizer (hub name or local folder) and its end-of-text id. ``local_files_only``:
+    a hub name only from the local cache (no network).
+
+    Raises:
+        ValueError: it cannot be loaded, is not a fast tokenizer, or has no eos token.
+    """
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_files_only)
     except Exception as exc:  # noqa: BLE001 - add what to do to whatever went wrong
         raise ValueError(
             f"data.tokenizer.name: cannot load tokenizer {name!r} ({type(exc).__name__}: {exc}). "
