@@ -2,14 +2,19 @@
 
 ``engine.save_checkpoint`` writes the model, the ZeRO optimizer partitions, the LR scheduler and our
 ``client_state`` (sampler, controller and loop state, from rank 0); each rank also writes its own
-``rank<r>_state.pt`` (state that differs per rank, such as the probe's unreduced sums). A checkpoint is *complete* only once every rank
-has finished writing it and rank 0 has put a ``COMPLETE`` marker in its folder; resume considers only
-complete ones, newest first, and falls back to the previous one (with a warning) when loading fails
-on any rank. The last ``keep_last`` complete checkpoints are kept.
+``rank<r>_state.pt`` (state that differs per rank, such as the probe's unreduced sums). A checkpoint
+is *complete* only once every rank has finished writing it and rank 0 has put a ``COMPLETE`` marker in
+its folder, listing every file of every rank with its size and modification time. Resume considers
+only complete ones, newest first, checks that every listed file is there as it was written (a shard
+deleted, truncated or rewritten since makes the checkpoint incomplete, and the message names the
+file), and falls back to the previous one (with a warning) when that check or loading fails on any
+rank. The last ``keep_last`` complete checkpoints are kept. A save that runs out of disk space says
+so (:class:`CheckpointError`) instead of DeepSpeed's ``basic_ios::clear: iostream error``.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import shutil
@@ -20,7 +25,7 @@ import torch
 
 from grape_ds.distributed import all_reduce_sum, barrier, get_rank
 
-__all__ = ["Checkpointer", "complete_checkpoints", "MARKER"]
+__all__ = ["Checkpointer", "CheckpointError", "complete_checkpoints", "verify_checkpoint", "MARKER"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +52,44 @@ def complete_checkpoints(ckpt_dir: Path) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written; the message says why (a full disk, a read-only folder)."""
+
+
+def _file_list(path: Path) -> dict[str, list[int]]:
+    return {str(p.relative_to(path)): [p.stat().st_size, p.stat().st_mtime_ns]
+            for p in sorted(path.rglob("*")) if p.is_file() and p.name != MARKER}
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """Why the complete checkpoint ``path`` is not usable as written (a file of its ``COMPLETE``
+    marker's list is missing, or has another size or modification time), or None when it is whole.
+    Markers of older grape-ds versions list no files: then only the marker is checked."""
+    try:
+        marker = json.loads((path / MARKER).read_text())
+    except (OSError, ValueError) as exc:
+        return f"its {MARKER} marker cannot be read ({exc})"
+    for name, (size, mtime) in (marker.get("files") or {}).items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing (written by the run, deleted since)"
+        st = f.stat()
+        if st.st_size != size:
+            return f"{name} has {st.st_size} bytes, {size} when the checkpoint was written (truncated or rewritten)"
+        if st.st_mtime_ns != mtime:
+            return f"{name} was modified after the checkpoint was written (by another run in this directory?)"
+    return None
+
+
+def _is_disk_full(exc: BaseException, folder: Path) -> bool:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < (1 << 20) or "iostream error" in str(exc)
+    except OSError:
+        return False
+
+
 class Checkpointer:
     """Saves every ``every`` steps (and on demand), resumes from the newest loadable checkpoint."""
 
@@ -65,15 +108,34 @@ class Checkpointer:
         if get_rank() == 0 and path.exists():  # an incomplete leftover of a crashed attempt
             shutil.rmtree(path)
         barrier()
-        engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=True)
-        torch.save(rank_state or {}, path / f"rank{get_rank()}_state.pt")
+        try:
+            engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=True)
+            torch.save(rank_state or {}, path / f"rank{get_rank()}_state.pt")
+        except Exception as exc:  # noqa: BLE001 - say what a full disk or a read-only folder is
+            raise self._save_error(exc, step) from exc
         barrier()  # every rank's shard is on disk before the marker says so
         if get_rank() == 0:
-            (path / MARKER).write_text(json.dumps({"step": step, "time": time.time()}) + "\n")
+            marker = {"step": step, "time": time.time(), "files": _file_list(path)}
+            (path / MARKER).write_text(json.dumps(marker) + "\n")
             self._prune()
         barrier()
         self.last_saved = step
         return path
+
+    def _save_error(self, exc: BaseException, step: int) -> CheckpointError:
+        done = complete_checkpoints(self.dir)
+        kept = (f"the newest complete checkpoint (step {done[-1][0]}) is intact and a resume starts from it"
+                if done else "no earlier checkpoint exists")
+        if _is_disk_full(exc, self.dir):
+            try:
+                free = f"{shutil.disk_usage(self.dir).free / 2**20:.1f} MiB free"
+            except OSError:
+                free = "free space unknown"
+            return CheckpointError(f"the disk is full: saving the checkpoint of step {step} to {self.dir} failed "
+                                   f"({free}); {kept}. Free some space (or lower checkpoint.keep_last) and run "
+                                   "the same command again")
+        return CheckpointError(f"saving the checkpoint of step {step} to {self.dir} failed "
+                               f"({type(exc).__name__}: {exc}); {kept}")
 
     def _prune(self) -> None:
         done = complete_checkpoints(self.dir)
@@ -90,7 +152,10 @@ class Checkpointer:
         candidates = complete_checkpoints(self.dir)
         for step, tag in reversed(candidates):
             ok, client_state, rank_state, error = 1.0, None, {}, ""
+            broken = verify_checkpoint(self.dir / tag)
             try:
+                if broken is not None:
+                    raise FileNotFoundError(f"incomplete: {broken}")
                 path, client_state = engine.load_checkpoint(str(self.dir), tag=tag,
                                                             load_optimizer_states=True,
                                                             load_lr_scheduler_states=True)

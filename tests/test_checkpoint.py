@@ -39,6 +39,28 @@ def _losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
 
 
+def test_a_checkpoint_is_whole_only_while_every_file_is_as_written(tmp_path):
+    import json
+    import os
+
+    from grape_ds.checkpoint import MARKER, _file_list, verify_checkpoint
+    path = tmp_path / "step00000010"
+    path.mkdir()
+    for name in ("mp_rank_00_model_states.pt", "rank0_state.pt", "rank1_state.pt"):
+        (path / name).write_bytes(b"x" * 10)
+    (path / MARKER).write_text(json.dumps({"step": 10, "files": _file_list(path)}))
+    assert verify_checkpoint(path) is None
+    (path / "rank1_state.pt").unlink()
+    assert verify_checkpoint(path) == "rank1_state.pt is missing (written by the run, deleted since)"
+    (path / "rank1_state.pt").write_bytes(b"y" * 3)
+    assert "rank1_state.pt has 3 bytes, 10 when" in verify_checkpoint(path)
+    (path / "rank1_state.pt").write_bytes(b"y" * 10)
+    os.utime(path / "rank1_state.pt", ns=(1, 1))
+    assert "rank1_state.pt was modified after" in verify_checkpoint(path)
+    (path / MARKER).write_text(json.dumps({"step": 10}))  # an older grape-ds's marker: no list
+    assert verify_checkpoint(path) is None
+
+
 @pytest.mark.slow
 def test_keep_last_fallback_on_corrupt_checkpoint_and_start_over(tmp_path, data_cache):
     run = tmp_path / "one"
@@ -53,6 +75,7 @@ def test_keep_last_fallback_on_corrupt_checkpoint_and_start_over(tmp_path, data_
     proc = _run_single(tmp_path, data_cache, "--stop-at", "8")
     out = proc.stdout + proc.stderr
     assert "step00000006 failed to load" in out and "resumed from checkpoint" in out
+    assert "mp_rank_00_model_states.pt has 100 bytes" in out  # the message names the file
     after = _losses(run)
     assert sorted(after) == list(range(1, 9))
     assert after[5] == before[5] and after[6] == before[6]  # steps 5-6 recomputed exactly
