@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from grape_ds.devices import check_collective
 
-__all__ = ["LaunchError", "free_port", "is_local_address", "port_in_use", "check_port_free", "adopt_slurm_env", "get_rank", "get_world_size", "get_local_rank", "is_main", "setup_logging", "barrier",
+__all__ = ["LaunchError", "free_port", "is_local_address", "port_in_use", "check_port_free", "adopt_slurm_env", "get_rank", "get_world_size", "get_local_rank", "is_main", "setup_logging", "barrier", "is_collective_failure",
            "broadcast_object", "all_reduce_sum"]
 
 
@@ -118,12 +118,28 @@ class _RankFilter(logging.Filter):
         return record.levelno >= logging.WARNING or record.rank == 0
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A StreamHandler on whatever ``sys.stderr`` is when a record is written (not the one there was
+    when the handler was made), so redirecting stderr later never leaves it writing to a closed file."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     """One handler on stderr, records stamped ``[rank N]``; INFO only from rank 0."""
     root = logging.getLogger("grape_ds")
     if any(getattr(h, "_grape_ds", False) for h in root.handlers):
         return
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler._grape_ds = True  # type: ignore[attr-defined]
     handler.addFilter(_RankFilter())
     handler.setFormatter(logging.Formatter("%(asctime)s [rank %(rank)s] %(levelname)s %(name)s: %(message)s",
@@ -158,3 +174,12 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` comes from the process group: a peer died, or a collective outlived the timeout."""
+    if isinstance(exc, getattr(torch.distributed, "DistError", ())):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(
+        k in text for k in ("gloo", "nccl", "connection closed", "connection reset", "timed out", "timeout"))

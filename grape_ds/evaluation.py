@@ -47,14 +47,14 @@ import torch
 import torch.nn.functional as F
 
 from grape_ds.config import DataConfig
-from grape_ds.distributed import all_reduce_sum
+from grape_ds.distributed import all_reduce_sum, is_collective_failure
 
 if TYPE_CHECKING:
     from grape_ds.data.benchmarks import MCItem
 
 __all__ = ["Evaluator", "sweep_losses", "ChoiceRequest", "MCScore", "encode_pair", "prefix_token_id",
            "choice_request", "context_length", "request_loglikelihoods", "choice_loglikelihoods",
-           "norm_length", "mc_predictions", "score_mc", "mc_items_for", "append_jsonl", "format_result",
+           "norm_length", "usable_items", "mc_predictions", "score_mc", "mc_items_for", "append_jsonl", "format_result",
            "PAD_MULTIPLE", "TARGET_DELIMITER"]
 
 log = logging.getLogger(__name__)
@@ -222,6 +222,30 @@ def choice_loglikelihoods(model: torch.nn.Module, tokenizer, items: Sequence[MCI
     return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+def usable_items(tokenizer, items_by_task: dict[str, Sequence[MCItem]], max_length: int
+                 ) -> tuple[dict[str, list[MCItem]], dict[str, list[dict]]]:
+    """Split each task's items into those whose every choice makes a scorable request and those that
+    do not: ``(kept, skipped)``, ``skipped[task]`` a list of ``{"item": index, "error": message}``.
+
+    A choice that encodes to no token after its context (an empty choice under a tokenizer that drops
+    whitespace), or one longer than the model's context, cannot be scored; lm-evaluation-harness stops
+    at such an item (``HFLM._loglikelihood_tokens`` asserts a non-empty continuation). Deterministic,
+    so every rank keeps the same items without a collective."""
+    kept: dict[str, list[MCItem]] = {}
+    skipped: dict[str, list[dict]] = {}
+    for task, items in items_by_task.items():
+        kept[task] = []
+        for index, item in enumerate(items):
+            try:
+                for choice in item.choices:
+                    choice_request(tokenizer, item.context, choice, max_length)
+            except ValueError as exc:
+                skipped.setdefault(task, []).append({"item": index, "error": str(exc)})
+                continue
+            kept[task].append(item)
+    return kept, skipped
+
+
 def norm_length(choice: str) -> int:
     """The length ``acc_norm`` divides by: the choice's characters without the leading target
     delimiter (the harness's ``completion_len``), at least 1."""
@@ -303,6 +327,7 @@ class Evaluator:
         for task in sorted(set(mc_items or {}) - set(self.mc_items)):
             log.warning("task %s has no multiple-choice items; its accuracy is not evaluated", task)
         self._tokenizer = None
+        self.mc_skipped: dict[str, list[dict]] | None = None  # filled at the first scoring
 
     def due(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
@@ -329,19 +354,42 @@ class Evaluator:
     def _multiple_choice(self, model: torch.nn.Module) -> dict:
         if self._tokenizer is None:
             self._tokenizer = self.data.load_tokenizer()
+        if self.mc_skipped is None:  # items no request can be made of are left out and reported
+            self.mc_items, self.mc_skipped = usable_items(self._tokenizer, self.mc_items, context_length(model))
+            for task, bad in self.mc_skipped.items():
+                log.warning("task %s: %d multiple-choice item(s) cannot be scored and are left out "
+                            "(listed under mc_skipped in eval.jsonl); the first, item %d: %s",
+                            task, len(bad), bad[0]["item"], bad[0]["error"])
+            self.mc_items = {t: items for t, items in self.mc_items.items() if items}
+        out: dict = {"mc_skipped": self.mc_skipped} if self.mc_skipped else {}
+        if not self.mc_items:
+            return out
         scores = score_mc(model, self._tokenizer, self.mc_items, self.batch_size, self.rank, self.world_size,
                           self.forward_context)
         acc = {t: s.acc for t, s in scores.items()}
         acc_norm = {t: s.acc_norm for t, s in scores.items()}
-        return {"mc_acc": acc, "mc_acc_norm": acc_norm, "mc_items": {t: s.n for t, s in scores.items()},
-                "mc_acc_avg": float(np.mean(list(acc.values()))),
-                "mc_acc_norm_avg": float(np.mean(list(acc_norm.values())))}
+        return out | {"mc_acc": acc, "mc_acc_norm": acc_norm, "mc_items": {t: s.n for t, s in scores.items()},
+                      "mc_acc_avg": float(np.mean(list(acc.values()))),
+                      "mc_acc_norm_avg": float(np.mean(list(acc_norm.values())))}
 
     def run(self, model: torch.nn.Module, step: int, monitor) -> dict:
         """Evaluate, log to TensorBoard (``eval/loss/<domain>``, ``eval/task_loss/<task>``,
         ``eval/acc/<task>``, ``eval/acc_norm/<task>``, averages and worst cases) and append to
-        ``eval.jsonl``."""
-        result = self.evaluate(model, step)
+        ``eval.jsonl``.
+
+        An evaluation that fails (other than a collective failure, which is raised) does not stop
+        training: the error is logged and recorded as ``{"step", "error"}`` in ``eval.jsonl``."""
+        try:
+            result = self.evaluate(model, step)
+        except Exception as exc:  # noqa: BLE001 - an evaluation never makes a run unfinishable
+            if is_collective_failure(exc):
+                raise
+            error = f"{type(exc).__name__}: {exc}"
+            log.error("evaluation at step %d failed, training goes on: %s", step, error, exc_info=True)
+            result = {"step": step, "error": error}
+            if self.rank == 0:
+                append_jsonl(self.path, result)
+            return result
         monitor.vector(step, "eval/loss", result["domain_loss"].keys(), result["domain_loss"].values())
         monitor.vector(step, "eval/task_loss", result["task_loss"].keys(), result["task_loss"].values())
         if "mc_acc" in result:

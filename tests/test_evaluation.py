@@ -216,6 +216,38 @@ def test_evaluator_adds_accuracy_to_the_json_line_and_tensorboard(lm, tmp_path):
     assert json.loads(line) == result
 
 
+def test_an_item_that_cannot_be_scored_is_left_out_and_reported(lm, tmp_path):
+    """An empty choice encodes to no token: lm-evaluation-harness stops at such an item; the evaluator
+    leaves it out, scores the rest as before and names it in eval.jsonl."""
+    model, tokenizer = lm
+    good = _tasks()
+    bad = MCItem("the cat sat on", (" a", ""), gold=0)
+    items = {"short": [*good["short"][:2], bad, *good["short"][2:]], "more": good["more"]}
+    evaluator = Evaluator(_Data(tokenizer, len(tokenizer)), every=1, batch_size=4, max_windows=None, rank=0,
+                          world_size=1, run_dir=tmp_path, mc_items=items)
+    result = evaluator.run(model, step=3, monitor=_Monitor())
+    expected = score_mc(model, tokenizer, good, batch_size=4)
+    assert result["mc_acc"] == {t: s.acc for t, s in expected.items()}
+    assert result["mc_items"] == {"short": 5, "more": 9}
+    (skipped,) = result["mc_skipped"]["short"]
+    assert skipped["item"] == 2 and "encodes to no tokens" in skipped["error"]
+    assert json.loads((tmp_path / "eval" / "eval.jsonl").read_text())["mc_skipped"] == result["mc_skipped"]
+
+
+def test_an_evaluation_that_fails_is_recorded_and_does_not_raise(lm, tmp_path):
+    model, tokenizer = lm
+
+    class Broken(_Data):
+        def windows(self, unit, split):
+            raise OSError(f"the validation file of {unit} is gone")
+
+    evaluator = Evaluator(Broken(tokenizer, len(tokenizer)), every=1, batch_size=4, max_windows=None, rank=0,
+                          world_size=1, run_dir=tmp_path)
+    result = evaluator.run(model, step=5, monitor=_Monitor())
+    assert result == {"step": 5, "error": "OSError: the validation file of d0 is gone"}
+    assert json.loads((tmp_path / "eval" / "eval.jsonl").read_text()) == result
+
+
 def test_mc_items_only_for_multiple_choice_benchmark_tasks(tmp_path):
     assert mc_items_for(DataConfig(planted=PlantedConfig()), max_items=10) == {}
 
