@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import importlib
 import logging
 import os
 import warnings
@@ -34,8 +35,25 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", category=FutureWarning, message=r".*all_gather_into_tensor.* is deprecated")
 
 
+def _no_shm_comm_op() -> None:
+    """Ask DeepSpeed for no shared-memory all-reduce op.
+
+    On the CPU accelerator ``deepspeed.init_distributed`` JIT-builds and initialises the
+    ``deepspeed_shm_comm`` op (``deepspeed/comm/torch.py``: ``TorchBackend.__init__`` ->
+    ``build_shm_op``), which only ``inference_all_reduce`` uses, never training. The build takes ~27 s
+    on a fresh machine under a file lock that a killed build leaves behind (the next launch then waits
+    in silence), and every initialised op leaves two 64 MiB ``/dev/shm/deepspeed_allreduce_buffer_*``
+    files that nothing removes (325 of them, 21 GiB of RAM, after some days of test runs). grape-ds
+    never calls ``inference_all_reduce``, whose fallback without the op is the process group's
+    all-reduce."""
+    # importlib, not `import deepspeed.comm.torch as m`: deepspeed.comm's attribute `torch` is torch itself
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
+    ds_torch.build_shm_op = lambda: None
+
+
 def init_distributed(timeout_minutes: float) -> None:
-    """Start the process group from the launcher's environment (a 1-rank group when there is none)."""
+    """Start the process group from the launcher's environment (a 1-rank group when there is none).
+    DeepSpeed's shared-memory inference op is neither built nor initialised (:func:`_no_shm_comm_op`)."""
     for key, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
                          ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, default)
@@ -52,6 +70,7 @@ def init_distributed(timeout_minutes: float) -> None:
     accelerator = get_accelerator()
     # NCCL communicates on the current device: choose it before the first collective (no-op on CPU)
     accelerator.set_device(int(os.environ["LOCAL_RANK"]))
+    _no_shm_comm_op()
     deepspeed.init_distributed(timeout=datetime.timedelta(minutes=timeout_minutes))
     devices.set_device(accelerator.current_device_name())
 
