@@ -25,8 +25,8 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m grape_ds check-config $(CONFIG) --world-size $(NUM_RANKS) > /dev/null
-	$(VENV)/bin/deepspeed --num_gpus $(NUM_RANKS) --module grape_ds.train --config $(CONFIG) $(ARGS)
+	$(PY) -m grape_ds check-config $(CONFIG) --world-size $(NUM_RANKS) --data $(ARGS) > /dev/null
+	$(PY) -m grape_ds.launch own -- $(VENV)/bin/deepspeed --num_gpus $(NUM_RANKS) --module grape_ds.train --config $(CONFIG) $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not gpu" -q $(PYTEST_ARGS)

@@ -1,6 +1,6 @@
 """``grape-ds``: the command line.
 
-    grape-ds check-config CONFIG [--set k=v ...] [--world-size N]   validate and print the resolved config
+    grape-ds check-config CONFIG [--set k=v ...] [--world-size N] [--data]   validate (and pre-flight) a launch
     grape-ds train --config CONFIG [...]                              one rank of a run (under a launcher)
     grape-ds ground-truth [--set k=v ...]                             the planted corpus's ground truth
     grape-ds bench {overhead,fidelity,planted} [...]                  the performance figures
@@ -27,15 +27,28 @@ __all__ = ["main"]
 
 
 def _check_config(args: argparse.Namespace) -> int:
+    """Validate the config, then what a launch needs (:mod:`grape_ds.preflight`); exit 2 on a problem."""
+    from grape_ds.preflight import PreflightError, preflight
     try:
         cfg = load_config(args.config, args.overrides, world_size=args.world_size)
     except ConfigError as exc:
         print(f"grape-ds: config error: {exc}", file=sys.stderr)
         return 2
+    if args.data:
+        from grape_ds.distributed import setup_logging
+        setup_logging()
+    try:
+        notes = preflight(cfg, args.world_size, resume=not args.no_resume, data=args.data)
+    except PreflightError as exc:
+        print(f"grape-ds: pre-flight error: {exc}", file=sys.stderr)
+        return 2
     print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
     print("# resolved DeepSpeed config:")
     print(json.dumps(cfg.ds_config, indent=2))
-    print(f"# OK: {args.config} is valid for world size {args.world_size}", file=sys.stderr)
+    for note in notes:
+        print(f"# {note}", file=sys.stderr)
+    print(f"# OK: {args.config} is valid for world size {args.world_size}"
+          + ("" if args.data else " (data not packed: pass --data to read every record)"), file=sys.stderr)
     return 0
 
 
@@ -117,7 +130,11 @@ def main(argv=None) -> int:
     c = sub.add_parser("check-config", help="validate a config without running it")
     c.add_argument("config")
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    c.add_argument("--world-size", type=int, default=1, help="ranks the run will have (batch arithmetic)")
+    c.add_argument("--world-size", type=_positive_int, default=1, help="ranks the run will have (batch arithmetic)")
+    c.add_argument("--data", action="store_true",
+                   help="also pack the data (reads every record; the run then reuses the packed folder)")
+    c.add_argument("--no-resume", action="store_true", help="the launch starts over (no resume check)")
+    c.add_argument("--stop-at", type=int, default=None, help=argparse.SUPPRESS)  # a train argument, ignored
     t = sub.add_parser("train", help="one rank of a training run (use under the deepspeed launcher)",
                        add_help=False)
     t.add_argument("rest", nargs=argparse.REMAINDER)

@@ -6,10 +6,19 @@ an allocation is spent, and printed by ``--dry-run``:
 
     python -m grape_ds.launch hostfile --hostfile H --config C [--dry-run] [--set k=v ...]
     python -m grape_ds.launch slurm --config C [--mode srun|deepspeed] [--dry-run] [--set k=v ...]
+    python -m grape_ds.launch own -- deepspeed ...   (run a launcher command, owning its process tree)
 
 Before anything starts, the config is validated for the launch's world size (batch arithmetic
 included), every host of a hostfile must resolve and answer on its ssh port, and the master port
 must be free. Failures name the host, the port or the key and exit with status 2.
+
+**Stopping a job.** The ``deepspeed`` launcher does not pass a SIGTERM sent to it on to the ranks (they
+train on, orphaned), and a SIGTERM to its whole process group makes it exit 1 while the ranks are
+still saving. So the launches here run it as a child in its own session and own its process tree
+(:func:`run_owning_ranks`): one SIGTERM (or SIGINT, SIGUSR1) to the launching process asks every rank
+on this host to save a checkpoint at its next step boundary and exit; the launch then exits with the
+launcher's status, 0 for a clean stop (``<run>/status.json`` says ``stopped``). A second signal kills
+the tree at once. Under SLURM's srun mode, srun passes signals to every task itself.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -30,7 +40,7 @@ from pathlib import Path
 from grape_ds.distributed import LaunchError, check_port_free, is_local_address
 
 __all__ = ["LaunchError", "Host", "expand_nodelist", "read_hostfile", "hostfile_text",
-           "check_hosts_reachable", "slurm_master_port", "run_status", "main"]
+           "check_hosts_reachable", "slurm_master_port", "run_status", "run_owning_ranks", "main"]
 
 @dataclass(frozen=True)
 class Host:
@@ -148,12 +158,18 @@ def check_hosts_reachable(hosts: list[Host], ssh_port: int = 22, timeout: float 
 
 
 def check_config(config: str, sets: list[str], world_size: int) -> None:
-    """Validate the experiment for this world size before anything is launched."""
+    """Validate the experiment for this world size before anything is launched, and pre-flight it
+    (run directory, resume, tokenizer: :mod:`grape_ds.preflight`; the data is packed by the ranks)."""
     from grape_ds.config import ConfigError, load_config
+    from grape_ds.preflight import PreflightError, preflight
     try:
-        load_config(config, sets, world_size=world_size)
+        cfg = load_config(config, sets, world_size=world_size)
     except ConfigError as exc:
         raise LaunchError(f"config error for world size {world_size}: {exc}") from None
+    try:
+        preflight(cfg, world_size)
+    except PreflightError as exc:
+        raise LaunchError(f"pre-flight error: {exc}") from None
 
 
 def run_status(run_dir: Path) -> dict | None:
@@ -231,8 +247,69 @@ def launch_hostfile(args: argparse.Namespace) -> int:
         hostfile.parent.mkdir(parents=True, exist_ok=True)
         hostfile.write_text(hostfile_text(hosts))
     os.environ.update(env)
-    os.execvp(cmd[0], cmd)
-    return 0  # not reached
+    return run_owning_ranks(cmd)
+
+
+def is_rank_command(argv: list[str]) -> bool:
+    """Whether a command line runs one grape-ds rank (``python [-u] -m grape_ds.train ...``, ``grape-ds
+    train ...``), not a launcher that merely names the module (``... launch --module grape_ds.train``)."""
+    for a, b in zip(argv, argv[1:]):
+        if (a == "-m" and b == "grape_ds.train") or (a.endswith("grape-ds") and b == "train"):
+            return True
+    return any(a.endswith("grape_ds/train.py") for a in argv)
+
+
+def _local_ranks(pid: int) -> list:
+    """The grape-ds rank processes below ``pid`` (psutil processes)."""
+    import psutil
+    try:
+        below = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    ranks = []
+    for p in below:
+        try:
+            if is_rank_command(p.cmdline()):
+                ranks.append(p)
+        except psutil.Error:
+            continue
+    return ranks
+
+
+def run_owning_ranks(cmd: list[str]) -> int:
+    """Run a launcher command (``deepspeed ...``) as a child in its own session and return its exit
+    status. The first SIGTERM, SIGINT or SIGUSR1 this process receives is passed as SIGTERM to every
+    grape-ds rank below it on this host (each saves a checkpoint at its next step boundary and exits 0,
+    so the launcher exits 0); a second one kills the whole tree (SIGKILL)."""
+    import psutil
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    received: list[int] = []
+
+    def forward(signum, frame) -> None:
+        received.append(signum)
+        if len(received) == 1:
+            ranks = _local_ranks(proc.pid)
+            print(f"[grape-ds] {signal.Signals(signum).name}: asking {len(ranks)} rank(s) to save a "
+                  "checkpoint and stop (signal again to kill them at once)", file=sys.stderr, flush=True)
+            for p in ranks:
+                try:
+                    p.send_signal(signal.SIGTERM)
+                except psutil.Error:
+                    pass
+        else:
+            print("[grape-ds] second signal: killing the job", file=sys.stderr, flush=True)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, forward)
+    while True:
+        try:
+            return proc.wait()
+        except InterruptedError:  # pragma: no cover - PEP 475 retries wait() itself
+            continue
 
 
 def slurm_master_port(job_id: int) -> int:
@@ -283,7 +360,8 @@ def launch_slurm(args: argparse.Namespace) -> int:
     if hostfile is not None:
         (logs / f"hostfile.{job_id}").write_text(hostfile)
     os.environ.update(env)
-    rc = subprocess.run(cmd).returncode
+    # srun passes a signal to every task itself; the deepspeed launcher needs its tree owned
+    rc = subprocess.run(cmd).returncode if args.mode == "srun" else run_owning_ranks(cmd)
     status = run_status(run_dir)
     print(f"[grape-ds] ranks exited with {rc}; run status: {status}", flush=True)
     if rc == 0 and args.requeue_stopped and status and status["state"] == "stopped":
@@ -310,11 +388,19 @@ def main(argv=None) -> int:
     s.add_argument("--master-port", type=int, default=0, help="default: 20000 + job id %% 10000")
     s.add_argument("--requeue-stopped", action="store_true",
                    help="requeue the job when training stopped early on a signal (needs sbatch --requeue)")
+    o = sub.add_parser("own", help="run a launcher command (after --), owning its process tree: one "
+                       "SIGTERM here stops every rank cleanly")
+    o.add_argument("cmd", nargs=argparse.REMAINDER)
     for q in (h, s):
         q.add_argument("--config", required=True)
         q.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
         q.add_argument("--dry-run", action="store_true", help="print the hostfile and commands, run nothing")
     args = p.parse_args(argv)
+    if args.command == "own":
+        cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+        if not cmd:
+            p.error("own: give the command to run after --")
+        return run_owning_ranks(cmd)
     try:
         return launch_hostfile(args) if args.command == "hostfile" else launch_slurm(args)
     except LaunchError as exc:

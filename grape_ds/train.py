@@ -27,21 +27,27 @@ import torch
 import yaml
 
 from grape_ds import devices
-from grape_ds.checkpoint import Checkpointer
+from grape_ds.checkpoint import CheckpointError, Checkpointer, complete_checkpoints
 from grape_ds.config import Config, ConfigError, config_to_dict, load_config
 from grape_ds.controller import UPDATES_TASKS, MethodParams, MixtureController, RoundStats
 from grape_ds.data import MixtureSampler, PackedData, prepare_data
 from grape_ds.data.sampler import TARGET_MIXTURE, TRAIN_MIXTURE, mixture_batch, probe_windows
 from grape_ds.distributed import (adopt_slurm_env, all_reduce_sum, barrier, broadcast_object,
-                                  get_local_rank, get_rank, get_world_size, setup_logging)
+                                  get_local_rank, get_rank, get_world_size, is_collective_failure,
+                                  setup_logging)
 from grape_ds.evaluation import Evaluator, mc_items_for
 from grape_ds.model import build_model
 from grape_ds.monitor import build_monitor, truncate_jsonl
 from grape_ds.probe import GradientProbe
+from grape_ds.rundir import LOCK_FILE, RunDirError, RunLock, refused_message, resume_changes
 
-__all__ = ["Run", "build_run", "train", "main", "parse_args"]
+__all__ = ["Run", "build_run", "claim_run_dir", "train", "main", "parse_args", "DataError"]
 
 log = logging.getLogger("grape_ds.train")
+
+
+class DataError(ValueError):
+    """The data cannot be packed: a source, a record or the tokenizer; the message names it."""
 
 
 @dataclass
@@ -73,6 +79,7 @@ class Run:
     world_size: int
     precision: object      # grape_ds.engine.Precision: autocast and loss scaling of the engine
     mixture_batches: tuple[int, int] = (0, 0)  # research form: (train-mixture, target-mixture) rows
+    lock: RunLock | None = None  # rank 0: the run directory's lock, released when the run ends
 
 
 # ----------------------------------------------------------------------------------------------
@@ -86,12 +93,14 @@ def _write_run_files(cfg: Config) -> None:
     (run_dir / "ds_config.json").write_text(json.dumps(cfg.ds_config, indent=2) + "\n")
 
 
-def _set_aside(run_dir: Path) -> None:
-    """Starting over: keep the previous attempt (renamed), never delete it."""
-    if run_dir.exists() and any(run_dir.iterdir()):
+def _set_aside(run_dir: Path) -> bool:
+    """Starting over: keep the previous attempt (renamed), never delete it. Whether there was one."""
+    if run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
         aside = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
         run_dir.rename(aside)
         log.warning("--no-resume: the previous contents of %s were moved to %s", run_dir, aside)
+        return True
+    return False
 
 
 def _method_params(cfg: Config) -> MethodParams:
@@ -110,21 +119,61 @@ def mixture_batch_rows(cfg: Config) -> tuple[int, int]:
     return (b if m.method in UPDATES_TASKS else 0), b
 
 
+def claim_run_dir(cfg: Config, resume: bool, world_size: int) -> RunLock | None:
+    """Rank 0, before anything of the run is read or written: lock the run directory (refusing a
+    second live launch), set the previous attempt aside on ``--no-resume``, and check that a resume
+    changes nothing its checkpoints cannot follow. Returns the lock (None on other ranks).
+
+    Raises:
+        RunDirError: the directory is in use, or the resume is refused (the message lists each change).
+    """
+    lock = RunLock.acquire(cfg.run_dir)
+    try:
+        if not resume and _set_aside(cfg.run_dir):  # moved with the folder, still held: lock anew
+            old, lock = lock, RunLock.acquire(cfg.run_dir)
+            old.release()
+        elif cfg.checkpoint.resume and complete_checkpoints(cfg.run_dir / "checkpoints"):
+            allowed, refused = resume_changes(cfg.run_dir, config_to_dict(cfg), world_size)
+            if refused:
+                world = any(c.startswith("world size") for c in refused)
+                raise RunDirError(refused_message(cfg.run_dir, refused, world))
+            for change in allowed:
+                log.warning("resuming %s with a changed config: %s", cfg.run_dir, change)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
 def build_run(cfg: Config, resume: bool = True) -> Run:
-    """Data, model, probe, engine, sampler, controller, monitor: everything a run needs, in that order."""
+    """Data, model, probe, engine, sampler, controller, monitor: everything a run needs, in that order.
+    The run's files (``config.yaml``, ``ds_config.json``) are written only once its checkpoint has
+    loaded, so an attempt that fails before then leaves the run directory as it was.
+
+    Raises:
+        RunDirError: the run directory is in use or the resume is refused (on every rank).
+        DataError: a source, record or tokenizer cannot be packed (on the rank that packs).
+    """
     from grape_ds import engine as ds_engine  # deepspeed import stays out of config-only commands
 
     ds_engine.init_distributed(cfg.deepspeed.timeout_minutes)
     rank, world_size = get_rank(), get_world_size()
     if cfg.train.deterministic:
         devices.use_deterministic_algorithms()
+    lock, refusal = None, None
     if rank == 0:
-        if not resume:
-            _set_aside(cfg.run_dir)
-        _write_run_files(cfg)
-    barrier()
+        try:
+            lock = claim_run_dir(cfg, resume, world_size)
+        except RunDirError as exc:
+            refusal = str(exc)
+    refusal = broadcast_object(refusal)
+    if refusal is not None:
+        raise RunDirError(refusal)
 
-    data = prepare_data(cfg.data, local_rank=get_local_rank())
+    try:
+        data = prepare_data(cfg.data, local_rank=get_local_rank())
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        raise DataError(str(exc)) from exc
     # on the engine's device before the probe hooks it, so the probe's buffers are built there
     model = build_model(cfg.model, data.vocab_size, data.eot_id, seed=cfg.train.seed).to(devices.current())
     devices.seed_training_rng(cfg.train.seed, rank)  # dropout masks: a stream per rank, from the seed
@@ -164,6 +213,8 @@ def build_run(cfg: Config, resume: bool = True) -> Run:
                         "after the resume differ from an uninterrupted run's")
         if state.step != engine.global_steps:
             raise RuntimeError(f"checkpoint step {state.step} != engine step {engine.global_steps}")
+    if rank == 0:  # the checkpoint (if any) loaded: this launch's config becomes the run's
+        _write_run_files(cfg)
     if probe is not None:  # the projection of the round the next in-band steps feed
         probe.set_round(next_round_step(state.step, cfg.mixture.every))
     evaluator = Evaluator(data, cfg.eval.every, cfg.eval.batch_size, cfg.eval.max_windows, rank,
@@ -177,7 +228,7 @@ def build_run(cfg: Config, resume: bool = True) -> Run:
                             start_step=state.step, progress=cfg.logging.progress)
     devices.reset_peak_memory(engine.device)
     return Run(cfg, data, engine, sampler, controller, probe, checkpointer, evaluator, monitor, state,
-               rank, world_size, precision, batch_rows)
+               rank, world_size, precision, batch_rows, lock)
 
 
 def _trace_path(cfg: Config, rank: int) -> Path:
@@ -374,10 +425,10 @@ def log_round(run: Run, step: int, stats: RoundStats, missing: int) -> None:
         ok = [j for j in range(len(run.data.tasks)) if np.isfinite(cosine[k, j])]
         m.vector(step, "reweight/cosine", [names[j] for j in ok], cosine[k, ok])
     m.scalars(step, {"reweight/inband_probed": missing})
-    log_weights(run, step)
 
 
 def log_weights(run: Run, step: int) -> None:
+    """The weights in use and their averages; once per step that has a round or is a logging step."""
     m, c = run.monitor, run.controller
     m.vector(step, "mixture/domain", run.data.domains, run.sampler.probs)
     m.vector(step, "mixture/task", run.data.tasks, c.z)
@@ -491,7 +542,8 @@ def train(run: Run, stop_at: int | None = None, stop: StopRequest | None = None)
             raise FloatingPointError(f"training loss is {step_loss} at step {st.step}; stopping "
                                      "(lower train.lr or check the data)")
 
-        if rounds_due(cfg, st.step):
+        round_now = rounds_due(cfg, st.step)
+        if round_now:
             run_mixture_round(run, st.step)
             if trace is not None:
                 trace.write(json.dumps({"step": st.step, "alpha": run.controller.alpha.tolist(),
@@ -502,6 +554,8 @@ def train(run: Run, stop_at: int | None = None, stop: StopRequest | None = None)
             log_step(run, st.step, step_loss, lr, tps)
             run.monitor.progress(st.step, loss=step_loss, tok_s=round(tps))
             window_start, window_tokens = time.perf_counter(), 0
+        elif round_now:  # log_step logs the weights; between logging steps a round logs its own
+            log_weights(run, st.step)
         if run.evaluator.due(st.step):
             run.evaluator.run(engine.module, st.step, run.monitor)
         if run.checkpointer.due(st.step):
@@ -513,12 +567,12 @@ def train(run: Run, stop_at: int | None = None, stop: StopRequest | None = None)
 
     if trace is not None:
         trace.close()
+    if run.checkpointer.last_saved != st.step:  # before the final evaluation: nothing it does can lose it
+        save_checkpoint(run)
+    write_mixture_json(run)
     result = {}
     if st.step >= cfg.train.max_steps and not run.evaluator.due(st.step):
         result = run.evaluator.run(engine.module, st.step, run.monitor)
-    if run.checkpointer.last_saved != st.step:
-        save_checkpoint(run)
-    write_mixture_json(run)
     run.monitor.close()
     return result
 
@@ -572,16 +626,6 @@ def write_status(run: Run, stop: StopRequest, stop_at: int | None) -> None:
     os.replace(tmp, path)
 
 
-def _collective_failure(exc: BaseException) -> bool:
-    """An error from the process group: a peer died, or a collective outlived the timeout."""
-    import torch.distributed as dist
-    if isinstance(exc, getattr(dist, "DistError", ())):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and any(
-        k in text for k in ("gloo", "nccl", "connection closed", "connection reset", "timed out", "timeout"))
-
-
 def _leave_after_collective_failure(run: Run, exc: Exception) -> None:
     """A dead or stuck rank: say so plainly and leave at once; tearing down a broken process group
     can block, and the launcher (deepspeed, srun --kill-on-bad-exit) ends the other ranks."""
@@ -597,7 +641,23 @@ def _leave_after_collective_failure(run: Run, exc: Exception) -> None:
     os._exit(3)
 
 
+def _shutdown() -> None:
+    """Leave the process group in order: every rank past its last collective (a barrier), then
+    ``destroy_process_group``, so that no backend thread is still running when the interpreter exits
+    (a std::thread torn down mid-flight aborts the process: "terminate called without an active
+    exception", exit 250)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        barrier()
+        dist.destroy_process_group()
+
+
 def main(argv=None) -> int:
+    """One rank of a run. Exit status: 0 when the run finished or stopped cleanly (SIGTERM/SIGUSR1,
+    ``--stop-at``; ``status.json`` says which), 1 when a checkpoint could not be written (a full disk;
+    the previous complete one is intact), 2 for a config, data or run-directory error (one message,
+    no traceback, nothing of an existing run changed), 3 when another rank died or a collective timed
+    out."""
     args = parse_args(argv)
     setup_logging()
     adopt_slurm_env()
@@ -606,19 +666,34 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"grape-ds: config error: {exc}", file=sys.stderr)
         return 2
-    stop = StopRequest().install()
-    with devices.check_from_env():  # GRAPE_DS_CHECK_DEVICES: fail on the CPU where a GPU would
-        run = build_run(cfg, resume=not args.no_resume)
-        try:
-            train(run, stop_at=args.stop_at, stop=stop)
-        except Exception as exc:
-            if not _collective_failure(exc):
-                raise
-            _leave_after_collective_failure(run, exc)
-    write_status(run, stop, args.stop_at)
-    if run.rank == 0:
-        print(_final_message(cfg, run.state.step >= cfg.train.max_steps), flush=True)
-    return 0
+    run = None
+    try:
+        with devices.check_from_env():  # GRAPE_DS_CHECK_DEVICES: fail on the CPU where a GPU would
+            try:
+                run = build_run(cfg, resume=not args.no_resume)
+            except (RunDirError, DataError) as exc:
+                kind = "data error" if isinstance(exc, DataError) else "run directory error"
+                print(f"grape-ds: {kind}: {exc}", file=sys.stderr, flush=True)
+                return 2
+            # from here on SIGTERM/SIGUSR1 mean "checkpoint and stop"; before, they end the process
+            stop = StopRequest().install()
+            try:
+                train(run, stop_at=args.stop_at, stop=stop)
+            except CheckpointError as exc:  # a full disk: one plain message, not DeepSpeed's
+                print(f"grape-ds: checkpoint error (rank {run.rank}): {exc}", file=sys.stderr, flush=True)
+                return 1
+            except Exception as exc:
+                if not is_collective_failure(exc):
+                    raise
+                _leave_after_collective_failure(run, exc)
+        write_status(run, stop, args.stop_at)
+        if run.rank == 0:
+            print(_final_message(cfg, run.state.step >= cfg.train.max_steps), flush=True)
+        _shutdown()
+        return 0
+    finally:
+        if run is not None and run.lock is not None:
+            run.lock.release()
 
 
 if __name__ == "__main__":

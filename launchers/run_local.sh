@@ -25,5 +25,10 @@ export TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
 DEEPSPEED=$(dirname "$(command -v "$PYTHON")")/deepspeed
 [[ -x $DEEPSPEED ]] || DEEPSPEED=deepspeed
 cmd=("$DEEPSPEED" --num_gpus "$NUM_RANKS" --master_port "$MASTER_PORT" --module grape_ds.train --config "$CONFIG" "$@")
+# pre-flight before any rank starts: config, run directory, resume, tokenizer, and every record of the
+# data (packed here once; the ranks reuse it)
+"$PYTHON" -m grape_ds check-config "$CONFIG" --world-size "$NUM_RANKS" --data "$@" > /dev/null
 echo "# $NUM_RANKS rank(s) on $DS_ACCELERATOR: ${cmd[*]}"
-exec "${cmd[@]}"   # each rank validates the config before any process group exists
+# owns the launcher's process tree: one SIGTERM to this script's process saves and stops every rank
+# (exit 0); a second one kills them
+exec "$PYTHON" -m grape_ds.launch own -- "${cmd[@]}"

@@ -82,6 +82,16 @@ def test_tensorboard_has_the_reweighting_tags(planted):
     expected |= {f"reweight/loss/{u}" for u in domains + tasks} | {f"reweight/grad_norm/{u}" for u in domains + tasks}
     expected |= {f"reweight/alignment/{d}" for d in domains}
     assert expected <= tags, expected - tags
+    # every scalar once per step (a round on a logging step once wrote each mixture/* value twice)
+    from collections import Counter
+
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    writes = Counter()
+    for events in sorted((planted / "grape" / "tensorboard").glob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(events)).Load():
+            writes.update((v.tag, event.step) for v in event.summary.value)
+    assert writes[("mixture/domain/domain_0", 10)] == 1
+    assert [key for key, n in writes.items() if n > 1] == []
     mixture = _mixture(planted / "grape")
     assert mixture["domains"] == domains and mixture["tasks"] == tasks
     assert {"alpha", "alpha_avg", "z", "z_avg", "history"} <= set(mixture)

@@ -154,10 +154,11 @@ def test_hostfile_run_survives_a_killed_rank(tmp_path, data_cache):
     while _steps(run) < 14:
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
         time.sleep(0.2)
-    rank1 = subprocess.run(["pgrep", "-s", str(proc.pid), "-f", "grape_ds.train --local_rank=1"],
-                           capture_output=True, text=True).stdout.split()
+    import psutil  # the launch owns the deepspeed launcher's tree, in a session of its own
+    rank1 = [p for p in psutil.Process(proc.pid).children(recursive=True)
+             if "--local_rank=1" in p.cmdline() and "grape_ds.train" in p.cmdline()]
     assert len(rank1) == 1
-    os.kill(int(rank1[0]), signal.SIGKILL)
+    rank1[0].send_signal(signal.SIGKILL)
     t0 = time.time()
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode != 0 and time.time() - t0 < 60, out[-3000:]
@@ -175,3 +176,12 @@ def test_hostfile_run_survives_a_killed_rank(tmp_path, data_cache):
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 25))  # steps after the checkpoint were replayed, not duplicated
+
+
+def test_the_ranks_a_launch_owns_are_the_training_processes_not_the_launchers():
+    from grape_ds.launch import is_rank_command
+    assert is_rank_command(["/v/bin/python", "-u", "-m", "grape_ds.train", "--local_rank=0", "--config", "c.yaml"])
+    assert is_rank_command(["/v/bin/grape-ds", "train", "--config", "c.yaml"])
+    assert not is_rank_command(["/v/bin/python", "-u", "-m", "deepspeed.launcher.launch", "--world_info=e30=",
+                                "--module", "grape_ds.train", "--config", "c.yaml"])
+    assert not is_rank_command(["/v/bin/python", "/v/bin/deepspeed", "--num_gpus", "2", "--module", "grape_ds.train"])

@@ -8,13 +8,16 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "grape_ds"
 
 # Leaf modules anyone may import.
-SHARED = {"grape_ds.config", "grape_ds.devices", "grape_ds.distributed", "grape_ds.schedules"}
+SHARED = {"grape_ds.config", "grape_ds.devices", "grape_ds.distributed", "grape_ds.schedules", "grape_ds.rundir"}
 # Extra edges allowed beyond SHARED (the wiring modules and the data package's own internals).
 ALLOWED = {
     "grape_ds.train": "*",
     "grape_ds.bench": "*",
     "grape_ds.cli": {"grape_ds.train", "grape_ds.bench", "grape_ds.data", "grape_ds.evaluation",
-                     "grape_ds.export"},
+                     "grape_ds.export", "grape_ds.preflight"},
+    # pre-flight checks what a launch needs before it starts: run directory, checkpoints, data, model
+    "grape_ds.preflight": {"grape_ds.checkpoint", "grape_ds.data", "grape_ds.model"},
+    "grape_ds.launch": {"grape_ds.preflight"},
     "grape_ds.data": {"grape_ds.data"},
     # evaluation scores the data package's multiple-choice items; export reads a finished run back
     # (its checkpoints, data and model) for `grape-ds eval` / `grape-ds export`.

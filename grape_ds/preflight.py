@@ -1,0 +1,89 @@
+"""Pre-flight: what can be known before a launch, checked before any process starts.
+
+``grape-ds check-config`` runs :func:`preflight` after the config itself validates (keys, types,
+ranges, the DeepSpeed JSON's batch arithmetic); the launchers run it before they start ranks.
+Each check raises :class:`PreflightError` with one message that names the file, key or folder:
+
+- the run directory can be created and written, and no live run holds it (``<run>/run.lock``);
+- resuming: the config changes nothing the run's checkpoints cannot follow (world size included);
+- a named tokenizer loads, is a fast tokenizer and has an end-of-text (eos) token (a hub name is
+  checked only when it is in the local cache: pre-flight fetches nothing);
+- with ``data=True``: every unit is packed (or its packed folder reused), which reads every record of
+  every source, so bad records (invalid JSON or Unicode, missing fields), empty or too small units and
+  token ids outside the vocabulary are found here, named by file, line and unit, and the ranks then
+  reuse the packed folder.
+"""
+
+from __future__ import annotations
+
+from grape_ds.config import Config, config_to_dict
+from grape_ds.rundir import (RunDirError, check_writable, live_holder, refused_message, resume_changes)
+
+__all__ = ["PreflightError", "preflight"]
+
+
+class PreflightError(ValueError):
+    """A launch would fail; the message names what and where."""
+
+
+def preflight(cfg: Config, world_size: int, resume: bool = True, data: bool = False) -> list[str]:
+    """Check what a launch of ``cfg`` on ``world_size`` ranks needs; returns notes for the user.
+
+    Raises:
+        PreflightError: the run directory is not writable or is in use, a resume is refused, the
+            tokenizer is unusable, or (``data=True``) a unit cannot be packed.
+    """
+    notes: list[str] = []
+    run_dir = cfg.run_dir
+    try:
+        check_writable(run_dir)
+    except RunDirError as exc:
+        raise PreflightError(str(exc)) from None
+    holder = live_holder(run_dir)
+    if holder is not None:
+        raise PreflightError(f"run directory {run_dir} is in use by a live run (host {holder.get('host')}, "
+                             f"process id {holder.get('pid')}); wait for it to end or choose another "
+                             "logging.run_name")
+    from grape_ds.checkpoint import complete_checkpoints
+    done = complete_checkpoints(run_dir / "checkpoints") if resume and cfg.checkpoint.resume else []
+    if done:
+        try:
+            allowed, refused = resume_changes(run_dir, config_to_dict(cfg), world_size)
+        except RunDirError as exc:
+            raise PreflightError(str(exc)) from None
+        if refused:
+            world = any(c.startswith("world size") for c in refused)
+            raise PreflightError(refused_message(run_dir, refused, world))
+        notes.append(f"resumes {run_dir} from step {done[-1][0]}"
+                     + (f" with changes: {'; '.join(allowed)}" if allowed else ""))
+    name = cfg.data.tokenizer.name
+    if name is not None:
+        from pathlib import Path
+
+        from grape_ds.data.tokenizer import load_named
+        local = Path(name).exists()
+        if not local and name.startswith(("/", "./", "../", "~")):
+            raise PreflightError(f"data.tokenizer.name: no such folder {name} (a local tokenizer is a folder "
+                                 "written by save_pretrained; a hub name has no leading '/', './' or '~')")
+        try:  # a hub name from the local cache only: pre-flight fetches nothing
+            load_named(name, local_files_only=not local)
+        except ValueError as exc:
+            if local:
+                raise PreflightError(str(exc)) from None
+            notes.append(f"tokenizer {name!r} is not in the local hub cache: not checked here (the "
+                         "ranks load it)")
+    if data:
+        from grape_ds.data import prepare_data
+        try:
+            packed = prepare_data(cfg.data)
+        except (ValueError, OSError, RuntimeError) as exc:
+            raise PreflightError(f"data: {exc}") from None
+        from grape_ds.model import model_vocab_size
+        try:
+            model_vocab_size(cfg.model, packed.vocab_size)
+        except ValueError as exc:
+            raise PreflightError(str(exc)) from None
+        windows = {u: packed.num_windows(u, "train") for u in packed.units}
+        notes.append(f"data packed in {packed.root}: vocabulary {packed.vocab_size}, train windows "
+                     + ", ".join(f"{u} {n}" for u, n in windows.items()))
+    return notes
