@@ -17,15 +17,21 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from grape_ds.distributed import all_reduce_sum, barrier, get_rank
+from grape_ds.distributed import all_reduce_sum, barrier, get_rank, get_world_size
 
-__all__ = ["Checkpointer", "CheckpointError", "complete_checkpoints", "verify_checkpoint", "MARKER"]
+__all__ = ["Checkpointer", "CheckpointError", "complete_checkpoints", "verify_checkpoint", "MARKER",
+           "checkpoint_world_size", "to_universal", "merged_rank_state", "UNIVERSAL_DIR"]
+
+UNIVERSAL_DIR = "universal"  # <checkpoints>/universal/<tag>: a checkpoint converted for another world size
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +87,65 @@ def verify_checkpoint(path: Path) -> str | None:
     return None
 
 
+def checkpoint_world_size(path: Path) -> int | None:
+    """The number of ranks the checkpoint ``path`` was written on (its marker says; a marker of an
+    older grape-ds does not, and then the ``rank<r>_state.pt`` files, one per rank, tell), or None
+    when neither does."""
+    try:
+        world = json.loads((path / MARKER).read_text()).get("world_size")
+    except (OSError, ValueError):
+        world = None
+    return int(world) if world else (len(list(path.glob("rank*_state.pt"))) or None)
+
+
+def to_universal(ckpt_dir: Path, tag: str) -> Path:
+    """Convert the complete checkpoint ``ckpt_dir/tag`` to DeepSpeed's universal checkpoint format
+    (``python -m deepspeed.checkpoint.ds_to_universal``, the converter DeepSpeed ships; ZeRO stages 1
+    and 2), which any number of ranks can load with ``checkpoint.load_universal``. Written to
+    ``ckpt_dir/universal/tag`` (kept until the next checkpoint is saved, and reused until then).
+    Returns ``ckpt_dir/universal``.
+
+    Raises:
+        CheckpointError: the conversion failed (its output's last lines are in the message).
+    """
+    root = Path(ckpt_dir) / UNIVERSAL_DIR
+    out = root / tag
+    if (out / MARKER).is_file():
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{tag}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+           str(Path(ckpt_dir) / tag), "--output_folder", str(tmp), "--inject_missing_state",
+           "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tail = " | ".join((proc.stdout + proc.stderr).strip().splitlines()[-5:])
+        raise CheckpointError(f"converting {Path(ckpt_dir) / tag} to DeepSpeed's universal checkpoint "
+                              f"failed ({tail})")
+    (tmp / MARKER).write_text(json.dumps({"from": str(Path(ckpt_dir) / tag), "time": time.time()}) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    os.rename(tmp, out)
+    return root
+
+
+def merged_rank_state(path: Path, old_world: int, rank: int) -> dict:
+    """This rank's state after a resume on another number of ranks, from the ``rank<r>_state.pt`` of
+    the ``old_world`` ranks that wrote checkpoint ``path``: rank 0 takes the sum of every old rank's
+    gradient-probe sums (a round reduces them by a sum over ranks, so the round that was under way is
+    unchanged); the other ranks start theirs at zero. Random generator states are not carried over
+    (the caller reseeds them)."""
+    if rank != 0:
+        return {}
+    probe = None
+    for r in range(old_world):
+        part = torch.load(path / f"rank{r}_state.pt", weights_only=False).get("probe")
+        if part is not None:
+            probe = part if probe is None else {k: probe[k] + part[k] for k in part}
+    return {"probe": probe} if probe is not None else {}
+
+
 def _is_disk_full(exc: BaseException, folder: Path) -> bool:
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
@@ -115,9 +180,11 @@ class Checkpointer:
             raise self._save_error(exc, step) from exc
         barrier()  # every rank's shard is on disk before the marker says so
         if get_rank() == 0:
-            marker = {"step": step, "time": time.time(), "files": _file_list(path)}
+            marker = {"step": step, "time": time.time(), "world_size": get_world_size(),
+                      "files": _file_list(path)}
             (path / MARKER).write_text(json.dumps(marker) + "\n")
             self._prune()
+            shutil.rmtree(self.dir / UNIVERSAL_DIR, ignore_errors=True)  # a newer checkpoint supersedes it
         barrier()
         self.last_saved = step
         return path
@@ -142,13 +209,30 @@ class Checkpointer:
         for _, tag in done[: max(0, len(done) - self.keep_last)]:
             shutil.rmtree(self.dir / tag, ignore_errors=True)
 
-    def load_latest(self, engine) -> tuple[dict, dict] | None:
+    def load_latest(self, engine, universal: tuple[int, str, int] | None = None) -> tuple[dict, dict] | None:
         """Load the newest complete checkpoint every rank can read: (client state, this rank's
         state), or None when there is no checkpoint.
 
         Collective. A checkpoint that fails to load on any rank is reported and the previous one is
-        tried, so all ranks always end on the same checkpoint.
+        tried, so all ranks always end on the same checkpoint. ``universal`` = ``(step, tag, old world
+        size)``: load that checkpoint from its universal conversion (:func:`to_universal`; the engine
+        was built with ``checkpoint.load_universal``) and merge the old ranks' own state
+        (:func:`merged_rank_state`); it is the only candidate.
         """
+        if universal is not None:
+            step, tag, old_world = universal
+            try:
+                _, client_state = engine.load_checkpoint(str(self.dir / UNIVERSAL_DIR), tag=tag,
+                                                         load_optimizer_states=True,
+                                                         load_lr_scheduler_states=True)
+                rank_state = merged_rank_state(self.dir / tag, old_world, get_rank())
+            except Exception as exc:  # noqa: BLE001 - no fallback across a change of world size
+                raise CheckpointError(f"loading {self.dir / UNIVERSAL_DIR / tag} (checkpoint {tag} of "
+                                      f"{old_world} ranks, converted) failed: {type(exc).__name__}: {exc}") from exc
+            self.last_saved = None  # not a checkpoint of this world size: the end of the run saves one
+            log.info("resumed from checkpoint %s of %d ranks on %d ranks (DeepSpeed universal checkpoint)",
+                     self.dir / tag, old_world, get_world_size())
+            return client_state, rank_state
         candidates = complete_checkpoints(self.dir)
         for step, tag in reversed(candidates):
             ok, client_state, rank_state, error = 1.0, None, {}, ""

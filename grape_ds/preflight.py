@@ -44,16 +44,17 @@ def preflight(cfg: Config, world_size: int, resume: bool = True, data: bool = Fa
         raise PreflightError(f"run directory {run_dir} is in use by a live run (host {holder.get('host')}, "
                              f"process id {holder.get('pid')}); wait for it to end or choose another "
                              "logging.run_name")
-    from grape_ds.checkpoint import complete_checkpoints
+    from grape_ds.checkpoint import checkpoint_world_size, complete_checkpoints
     done = complete_checkpoints(run_dir / "checkpoints") if resume and cfg.checkpoint.resume else []
     if done:
         try:
-            allowed, refused = resume_changes(run_dir, config_to_dict(cfg), world_size)
+            allowed, refused = resume_changes(run_dir, config_to_dict(cfg), world_size,
+                                              cfg.ds_config["train_batch_size"],
+                                              checkpoint_world_size(run_dir / "checkpoints" / done[-1][1]))
         except RunDirError as exc:
             raise PreflightError(str(exc)) from None
         if refused:
-            world = any(c.startswith("world size") for c in refused)
-            raise PreflightError(refused_message(run_dir, refused, world))
+            raise PreflightError(refused_message(run_dir, refused))
         notes.append(f"resumes {run_dir} from step {done[-1][0]}"
                      + (f" with changes: {'; '.join(allowed)}" if allowed else ""))
     name = cfg.data.tokenizer.name

@@ -12,8 +12,10 @@ honour it across hosts); where it is not supported, the run warns and goes on un
 **Resuming after a change.** Before any state is loaded or any file of the run is written,
 :func:`resume_changes` compares the config a relaunch resolves with the run's saved ``config.yaml``
 (and its ``ds_config.json``, which fixes the world size the checkpoints were written on). Keys that only
-change how the run is watched or how long it goes on (:data:`RESUMABLE`) may change; any other change
-is refused with every changed key, its old and new value, and what the user can do.
+change how the run is watched or how long it goes on (:data:`RESUMABLE`) may change, and so may the
+number of ranks when the global batch stays the same (the checkpoint is then converted to DeepSpeed's
+universal format); any other change is refused with every changed key, its old and new value, and
+what the user can do.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ from pathlib import Path
 
 import yaml
 
-__all__ = ["RunDirError", "RunDirBusy", "RunLock", "LOCK_FILE", "RESUMABLE", "resume_changes",
-           "saved_world_size", "flatten", "live_holder", "check_writable", "refused_message"]
+__all__ = ["RunDirError", "RunDirBusy", "RunLock", "LOCK_FILE", "RESUMABLE", "BATCH_KEYS", "resume_changes",
+           "saved_world_size", "saved_global_batch", "flatten", "live_holder", "check_writable", "refused_message"]
 
 log = logging.getLogger(__name__)
 
@@ -210,10 +212,29 @@ def _resumable(key: str) -> bool:
     return any(key == r or (r.endswith(".") and key.startswith(r)) for r in RESUMABLE)
 
 
-def resume_changes(run_dir: Path, new: dict, world_size: int) -> tuple[list[str], list[str]]:
+# On another number of ranks a resume keeps the global batch: these may change with the world size
+# as long as micro_batch_size x gradient_accumulation_steps x ranks stays what it was.
+BATCH_KEYS = ("train.micro_batch_size", "train.gradient_accumulation_steps")
+
+
+def saved_global_batch(run_dir: Path) -> int | None:
+    """Sequences per optimizer step the run trained with (``train_batch_size`` of its ``ds_config.json``)."""
+    try:
+        return int(json.loads((Path(run_dir) / "ds_config.json").read_text())["train_batch_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def resume_changes(run_dir: Path, new: dict, world_size: int, global_batch: int | None = None,
+                   checkpoint_world: int | None = None) -> tuple[list[str], list[str]]:
     """Compare a relaunch's resolved config (``config_to_dict``) and world size with the run's saved
     ones: ``(allowed, refused)`` changes, each ``"key: old -> new"``. Empty lists when nothing changed
     or the run has no saved config.
+
+    ``checkpoint_world`` is the number of ranks the checkpoint to resume was written on (None: the
+    run's ``ds_config.json`` says). Another world size is allowed when the global batch
+    (``global_batch``, sequences per optimizer step) stays the run's; then ``train.micro_batch_size`` and ``train.gradient_accumulation_steps``
+    may change too. Otherwise the refusal says which values keep it.
 
     Raises:
         RunDirError: the saved ``config.yaml`` cannot be read.
@@ -227,28 +248,38 @@ def resume_changes(run_dir: Path, new: dict, world_size: int) -> tuple[list[str]
         raise RunDirError(f"{path}: cannot read the run's saved config ({exc}); move the run directory "
                           "away or start over with --no-resume") from None
     before, after = flatten(old), flatten(new)
+    old_batch = saved_global_batch(run_dir)
+    batch_kept = global_batch is not None and old_batch == global_batch
     allowed, refused = [], []
     for key in sorted(set(before) | set(after)):
         a, b = before.get(key, "<absent>"), after.get(key, "<absent>")
         if a == b:
             continue
-        (allowed if _resumable(key) else refused).append(f"{key}: {a!r} -> {b!r}")
-    old_world = saved_world_size(run_dir)
+        ok = _resumable(key) or (key in BATCH_KEYS and batch_kept)
+        (allowed if ok else refused).append(f"{key}: {a!r} -> {b!r}")
+    old_world = checkpoint_world if checkpoint_world is not None else saved_world_size(run_dir)
     if old_world is not None and old_world != world_size:
-        refused.append(f"world size: {old_world} ranks -> {world_size} ranks")
+        change = f"world size: {old_world} ranks -> {world_size} ranks"
+        if batch_kept:
+            allowed.append(change + " (the checkpoint is converted to DeepSpeed's universal format)")
+        else:
+            micro = after.get("train.micro_batch_size")
+            hint = ""
+            if old_batch and isinstance(micro, int) and old_batch % (micro * world_size) == 0:
+                hint = (f"; on {world_size} ranks with train.micro_batch_size={micro}, set "
+                        f"train.gradient_accumulation_steps={old_batch // (micro * world_size)}")
+            refused.append(f"{change}, which changes the global batch from {old_batch} to {global_batch} "
+                           f"sequences per step (micro_batch_size x gradient_accumulation_steps x ranks); "
+                           f"keep it at {old_batch}{hint}")
     return allowed, refused
 
 
-def refused_message(run_dir: Path, refused: list[str], world_changed: bool) -> str:
+def refused_message(run_dir: Path, refused: list[str]) -> str:
     """The error for a resume whose config changed in ways the checkpoint cannot follow."""
     lines = [f"cannot resume {run_dir}: the config differs from the one its checkpoints were written "
              "with, in keys a checkpoint cannot follow:"]
     lines += [f"  {c}" for c in refused]
-    what = ["put those values back to resume this run,",
-            "or start a new run: another logging.run_name (the old run stays as it is), or --no-resume "
-            "(the old run is moved aside to <run>.replaced-<time>, never deleted)."]
-    if world_changed:
-        what.insert(1, "(grape-ds cannot yet move a ZeRO checkpoint to another number of ranks: relaunch on "
-                       "the run's own number of ranks, with the same train.micro_batch_size and "
-                       "train.gradient_accumulation_steps),")
-    return "\n".join(lines + ["What you can do: " + " ".join(what)])
+    what = ("put those values back to resume this run, or start a new run: another logging.run_name (the "
+            "old run stays as it is), or --no-resume (the old run is moved aside to <run>.replaced-<time>, "
+            "never deleted).")
+    return "\n".join(lines + ["What you can do: " + what])

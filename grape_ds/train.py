@@ -13,6 +13,7 @@ evaluation and checkpointing, each deciding for itself whether this step is its 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -27,7 +28,8 @@ import torch
 import yaml
 
 from grape_ds import devices
-from grape_ds.checkpoint import CheckpointError, Checkpointer, complete_checkpoints
+from grape_ds.checkpoint import (CheckpointError, Checkpointer, checkpoint_world_size, complete_checkpoints,
+                                 to_universal, verify_checkpoint)
 from grape_ds.config import Config, ConfigError, config_to_dict, load_config
 from grape_ds.controller import UPDATES_TASKS, MethodParams, MixtureController, RoundStats
 from grape_ds.data import MixtureSampler, PackedData, prepare_data
@@ -119,30 +121,43 @@ def mixture_batch_rows(cfg: Config) -> tuple[int, int]:
     return (b if m.method in UPDATES_TASKS else 0), b
 
 
-def claim_run_dir(cfg: Config, resume: bool, world_size: int) -> RunLock | None:
+def claim_run_dir(cfg: Config, resume: bool, world_size: int) -> tuple[RunLock, tuple[int, str, int] | None]:
     """Rank 0, before anything of the run is read or written: lock the run directory (refusing a
     second live launch), set the previous attempt aside on ``--no-resume``, and check that a resume
-    changes nothing its checkpoints cannot follow. Returns the lock (None on other ranks).
+    changes nothing its checkpoints cannot follow. Returns the lock and, when the checkpoint to resume
+    was written on another number of ranks, ``(step, tag, its world size)`` after converting it to
+    DeepSpeed's universal format (:func:`grape_ds.checkpoint.to_universal`).
 
     Raises:
-        RunDirError: the directory is in use, or the resume is refused (the message lists each change).
+        RunDirError: the directory is in use, the resume is refused (the message lists each change),
+            or the conversion failed.
     """
-    lock = RunLock.acquire(cfg.run_dir)
+    lock, universal = RunLock.acquire(cfg.run_dir), None
+    ckpt_dir = cfg.run_dir / "checkpoints"
     try:
         if not resume and _set_aside(cfg.run_dir):  # moved with the folder, still held: lock anew
             old, lock = lock, RunLock.acquire(cfg.run_dir)
             old.release()
-        elif cfg.checkpoint.resume and complete_checkpoints(cfg.run_dir / "checkpoints"):
-            allowed, refused = resume_changes(cfg.run_dir, config_to_dict(cfg), world_size)
+        elif resume and cfg.checkpoint.resume and (done := complete_checkpoints(ckpt_dir)):
+            step, tag = next(((s, t) for s, t in reversed(done) if verify_checkpoint(ckpt_dir / t) is None),
+                             done[-1])
+            ckpt_world = checkpoint_world_size(ckpt_dir / tag)
+            allowed, refused = resume_changes(cfg.run_dir, config_to_dict(cfg), world_size,
+                                              cfg.ds_config["train_batch_size"], ckpt_world)
             if refused:
-                world = any(c.startswith("world size") for c in refused)
-                raise RunDirError(refused_message(cfg.run_dir, refused, world))
+                raise RunDirError(refused_message(cfg.run_dir, refused))
             for change in allowed:
                 log.warning("resuming %s with a changed config: %s", cfg.run_dir, change)
+            if ckpt_world is not None and ckpt_world != world_size:
+                try:
+                    to_universal(ckpt_dir, tag)
+                except CheckpointError as exc:
+                    raise RunDirError(f"cannot resume on {world_size} ranks: {exc}") from None
+                universal = (step, tag, ckpt_world)
     except BaseException:
         lock.release()
         raise
-    return lock
+    return lock, universal
 
 
 def build_run(cfg: Config, resume: bool = True) -> Run:
@@ -160,13 +175,13 @@ def build_run(cfg: Config, resume: bool = True) -> Run:
     rank, world_size = get_rank(), get_world_size()
     if cfg.train.deterministic:
         devices.use_deterministic_algorithms()
-    lock, refusal = None, None
+    lock, refusal, universal = None, None, None
     if rank == 0:
         try:
-            lock = claim_run_dir(cfg, resume, world_size)
+            lock, universal = claim_run_dir(cfg, resume, world_size)
         except RunDirError as exc:
             refusal = str(exc)
-    refusal = broadcast_object(refusal)
+    refusal, universal = broadcast_object((refusal, universal))
     if refusal is not None:
         raise RunDirError(refusal)
 
@@ -183,7 +198,13 @@ def build_run(cfg: Config, resume: bool = True) -> Run:
         staged = bool(cfg.ds_config.get("fp16", {}).get("enabled", False))
         rows = len(data.domains) + len(data.tasks) + sum(batch_rows)
         probe = GradientProbe(model, rows, cfg.probe.estimator, cfg.probe.dim, cfg.probe.seed, staged=staged)
-    engine = ds_engine.build_engine(model, cfg)
+    if universal is not None:  # resuming on another number of ranks: DeepSpeed loads the conversion
+        written = copy.deepcopy(cfg.ds_config)
+        cfg.ds_config["checkpoint"] = {**cfg.ds_config.get("checkpoint", {}), "load_universal": True}
+        engine = ds_engine.build_engine(model, cfg)
+        cfg.ds_config = written  # what the run directory records: no load_universal for later resumes
+    else:
+        engine = ds_engine.build_engine(model, cfg)
     precision = ds_engine.precision(engine)
     if probe is not None:
         probe.to(engine.device)
@@ -197,17 +218,19 @@ def build_run(cfg: Config, resume: bool = True) -> Run:
                              data_hash=data.content_hash)
     checkpointer = Checkpointer(cfg.run_dir / "checkpoints", cfg.checkpoint.every, cfg.checkpoint.keep_last)
     state = LoopState()
-    loaded = checkpointer.load_latest(engine) if resume and cfg.checkpoint.resume else None
+    loaded = checkpointer.load_latest(engine, universal) if resume and cfg.checkpoint.resume else None
     if loaded is not None:
         client_state, rank_state = loaded
         state.load_state_dict(client_state["loop"])
         controller.load_state_dict(client_state["controller"])
         sampler.load_state_dict(client_state["sampler"])
-        sampler.counts[:] = rank_state["sampler_counts"]
+        sampler.counts[:] = rank_state.get("sampler_counts", 0)
         if probe is not None and "probe" in rank_state:
             probe.load_state_dict(rank_state["probe"])
         if "rng" in rank_state:
             devices.set_rng_state(rank_state["rng"], engine.device)
+        elif universal is not None:  # another number of ranks: fresh dropout streams from seed and step
+            devices.seed_training_rng(cfg.train.seed * 1_000_003 + state.step, rank)
         elif cfg.model.dropout > 0:
             log.warning("the checkpoint holds no random state (made by an older grape-ds): dropout masks "
                         "after the resume differ from an uninterrupted run's")

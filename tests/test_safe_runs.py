@@ -71,7 +71,7 @@ def _saved_run(root: Path, sets: list[str], world_size: int = 2) -> Path:
     cfg = load_config(DEMO, [*sets, f"logging.output_dir={root}"], world_size=world_size)
     run = cfg.run_dir
     (run / "checkpoints" / "step00000010").mkdir(parents=True)
-    (run / "checkpoints" / "step00000010" / "COMPLETE").write_text('{"step": 10}\n')
+    (run / "checkpoints" / "step00000010" / "COMPLETE").write_text(json.dumps({"step": 10, "world_size": world_size}))
     (run / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     (run / "ds_config.json").write_text(json.dumps(cfg.ds_config, indent=2) + "\n")
     (run / "metrics.jsonl").write_text('{"step": 10, "loss": 5.0}\n')
@@ -82,11 +82,21 @@ def test_resume_changes_name_every_key_and_the_world_size(tmp_path):
     run = _saved_run(tmp_path, TINY)
     new = load_config(DEMO, [*TINY, f"logging.output_dir={tmp_path}", "model.n_layer=3", "mixture.mu_task=1",
                              "train.max_steps=80", "logging.every=7"], world_size=1)
-    allowed, refused = resume_changes(run, config_to_dict(new), world_size=1)
-    assert refused == ["mixture.mu_task: 5.0 -> 1.0", "model.n_layer: 2 -> 3", "world size: 2 ranks -> 1 ranks"]
+    allowed, refused = resume_changes(run, config_to_dict(new), 1, new.ds_config["train_batch_size"])
+    assert refused[:2] == ["mixture.mu_task: 5.0 -> 1.0", "model.n_layer: 2 -> 3"]
+    assert refused[2].startswith("world size: 2 ranks -> 1 ranks, which changes the global batch from 16 to 8")
+    assert refused[2].endswith("keep it at 16; on 1 ranks with train.micro_batch_size=4, set "
+                               "train.gradient_accumulation_steps=4")
     assert allowed == ["logging.every: 5 -> 7", "train.max_steps: 40 -> 80"]
     same = load_config(DEMO, [*TINY, f"logging.output_dir={tmp_path}"], world_size=2)
-    assert resume_changes(run, config_to_dict(same), world_size=2) == ([], [])
+    assert resume_changes(run, config_to_dict(same), 2, 16) == ([], [])
+    # on 1 rank with the global batch kept: allowed, and the checkpoint will be converted
+    kept = load_config(DEMO, [*TINY, f"logging.output_dir={tmp_path}", "train.gradient_accumulation_steps=4"],
+                       world_size=1)
+    allowed, refused = resume_changes(run, config_to_dict(kept), 1, kept.ds_config["train_batch_size"], 2)
+    assert refused == []
+    assert allowed == ["train.gradient_accumulation_steps: 2 -> 4", "world size: 2 ranks -> 1 ranks (the "
+                       "checkpoint is converted to DeepSpeed's universal format)"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,7 +262,8 @@ CASES = {
     "resume with another model": (lambda c: c.demo("model.n_layer=3"),
                                   ["cannot resume", "model.n_layer: 2 -> 3", "--no-resume", "logging.run_name"]),
     "resume on another world size": (lambda c: [*c.demo(), "--world-size", "1"],
-                                     ["cannot resume", "world size: 2 ranks -> 1 ranks"]),
+                                     ["cannot resume", "world size: 2 ranks -> 1 ranks", "keep it at 16",
+                                      "train.gradient_accumulation_steps=4"]),
 }
 
 
