@@ -61,6 +61,20 @@ def test_a_checkpoint_is_whole_only_while_every_file_is_as_written(tmp_path):
     assert verify_checkpoint(path) is None
 
 
+def test_a_save_on_a_full_disk_says_so(tmp_path):
+    import errno
+
+    from grape_ds.checkpoint import Checkpointer
+    ckpt = tmp_path / "checkpoints"
+    (ckpt / "step00000010").mkdir(parents=True)
+    (ckpt / "step00000010" / "COMPLETE").write_text('{"step": 10}')
+    error = Checkpointer(ckpt, 10, 2)._save_error(OSError(errno.ENOSPC, "No space left on device"), 20)
+    assert str(error).startswith(f"the disk is full: saving the checkpoint of step 20 to {ckpt} failed (")
+    assert "the newest complete checkpoint (step 10) is intact" in str(error)
+    other = Checkpointer(ckpt, 10, 2)._save_error(PermissionError(errno.EACCES, "Permission denied"), 20)
+    assert "Permission denied" in str(other) and "disk is full" not in str(other)
+
+
 @pytest.mark.slow
 def test_keep_last_fallback_on_corrupt_checkpoint_and_start_over(tmp_path, data_cache):
     run = tmp_path / "one"

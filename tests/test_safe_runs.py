@@ -194,6 +194,12 @@ def _medqa_missing_field(c: Census) -> Path:
     return write_benchmark("medqa", c.root / "medqa", records)
 
 
+def _medqa_surrogate(c: Census) -> Path:
+    records = {split: [dict(r) for r in rows] for split, rows in BENCHMARK_RECORDS["medqa"].items()}
+    records["train"][1]["sent1"] = "Patient \ud800 has a cough."
+    return write_benchmark("medqa", c.root / "medqa_sur", records)
+
+
 def _hostfile(c: Census, text: str) -> list[str]:
     path = c.root / "hostfile"
     path.write_text(text)
@@ -247,6 +253,8 @@ CASES = {
         ["unit 'd1'", "token ids in [1, 60000]", "vocabulary [0, 50257)"]),
     "benchmark row without field": (lambda c: c.units("medqa", benchmark=_medqa_missing_field(c)),
                                     ["benchmark medqa, split 'train', row 2", "no field 'ending2'"]),
+    "benchmark text not Unicode": (lambda c: c.units("medqa_sur", benchmark=_medqa_surrogate(c)),
+                                   ["unit 'medqa', a document starting 'Patient", "not valid Unicode"]),
     # tokenizer
     "tokenizer without eos": (lambda c: c.units("noeos", tokenizer={"name": str(_no_eos_tokenizer(c.root / "noeos"))}),
                               ["data.tokenizer.name", "has no eos token"]),
@@ -273,7 +281,7 @@ def _bytes(path: Path, data: bytes) -> Path:
 
 
 def test_the_census_has_at_least_25_inputs():
-    assert len(CASES) >= 25
+    assert len(CASES) >= 25 and len(CASES) == 34
 
 
 def test_the_census_inputs_are_right_but_for_their_fault(census, capsys):

@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 
 from grape_ds.config import CORPUS_TYPES, DataConfig, SourceConfig
 from grape_ds.data import corpora, planted
-from grape_ds.data.sources import Document, iter_documents, source_files
+from grape_ds.data.sources import Document, check_text, iter_documents, source_files
 from grape_ds.data.tokenizer import MAX_TRAIN_CHARS, load_or_train_tokenizer
 
 __all__ = ["prepare_data", "PackedData", "FORMAT_VERSION", "MANIFEST", "SPLITS"]
@@ -387,6 +387,7 @@ def _bpe_training_texts(units: list[_Unit],
                 raise ValueError(
                     f"unit {unit.name!r} holds pre-tokenised documents (lists of token ids): set "
                     "data.tokenizer.name to the tokenizer that made them (e.g. gpt2, or a local copy)")
+            check_text(doc, f"unit {unit.name!r}, a document starting {doc[:40]!r}")
             yield doc[:budget - used]
             used += len(doc)
             if used >= budget:
@@ -407,6 +408,8 @@ def _encoder(tokenizer, eot_id: int, vocab_size: int, allow_ids: bool) -> _Encod
 
     def encode(batch: list[Document], unit: str) -> tuple[np.ndarray, np.ndarray]:
         texts = [d for d in batch if isinstance(d, str)]
+        for text in texts:  # any reader (corpus and benchmark adapters too): name the unit, not a raw error
+            check_text(text, f"unit {unit!r}, a document starting {text[:40]!r}")
         encoded = iter(encode_batch(texts, add_special_tokens=False)) if texts else iter(())
         flat: list[int] = []
         lengths: list[int] = []

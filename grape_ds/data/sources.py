@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 from grape_ds.config import CORPUS_TYPES, SourceConfig
 
 __all__ = ["Document", "iter_documents", "source_files", "SUFFIXES", "hub_records", "iter_parquet_rows",
-           "iter_json_records", "numbered_json_records", "open_text", "missing_field"]
+           "iter_json_records", "numbered_json_records", "open_text", "missing_field", "check_text"]
 
 Document = str | list[int]
 
@@ -207,18 +207,29 @@ def iter_parquet_rows(path: Path, columns: list[str]) -> Iterator[dict]:
         yield from pf.read_row_group(group, columns=columns).to_pylist()
 
 
+def check_text(text: str, where: str) -> None:
+    """Text must be encodable as UTF-8: no unpaired surrogate such as ``"\\ud800"`` (valid JSON, but
+    no text a tokenizer can read).
+
+    Raises:
+        ValueError: naming ``where`` and the character.
+    """
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{where}: holds text that is not valid Unicode ({exc.reason} at character "
+                         f"{exc.start}: {text[max(0, exc.start - 20):exc.start]!r}...); fix or drop the "
+                         "record") from None
+
+
 def _check_value(value: Any, field: str, where: str) -> Document:
     """A document value must be text that UTF-8 can encode (no unpaired surrogate such as
     ``"\\ud800"``, which is valid JSON but no text a tokenizer can read), or a list of ints
     (pre-tokenised ids)."""
     if isinstance(value, str):
-        if not value.isascii():
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError as exc:
-                raise ValueError(f"{where}: field {field!r} holds text that is not valid Unicode "
-                                 f"({exc.reason} at character {exc.start}: {value[max(0, exc.start - 20):exc.start]!r}"
-                                 f"...); fix or drop the record") from None
+        check_text(value, f"{where}: field {field!r}")
         return value
     if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value[:8]):
         return value
@@ -265,8 +276,8 @@ def _text_documents(path: Path) -> Iterator[str]:
 
 def _iter_parquet(src: SourceConfig) -> Iterator[Document]:
     for path in source_files(src):
-        for row in iter_parquet_rows(path, [src.field]):
-            yield _check_value(row[src.field], src.field, str(path))
+        for index, row in enumerate(iter_parquet_rows(path, [src.field])):
+            yield _check_value(row[src.field], src.field, f"{path} (row {index})")
 
 
 def _iter_disk(src: SourceConfig) -> Iterator[Document]:
@@ -284,9 +295,11 @@ def _iter_disk(src: SourceConfig) -> Iterator[Document]:
         ds = ds[src.split]
     if src.field not in ds.column_names:
         raise missing_field(src.field, str(path), ds.column_names)
+    index = 0
     for batch in ds.select_columns([src.field]).iter(batch_size=1000):
         for value in batch[src.field]:
-            yield _check_value(value, src.field, str(path))
+            yield _check_value(value, src.field, f"{path} (row {index})")
+            index += 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -378,9 +391,9 @@ _HUB_SOURCE_ADVICE = ("Without network access, provide a local copy instead: sav
 def _iter_hub(src: SourceConfig) -> Iterator[Document]:
     if not src.hub_id:
         raise ValueError("a hub source needs a hub_id")
-    where = f"hub data set {src.hub_id!r}"
     for number, record in enumerate(hub_records(src.hub_id, src.hub_config, src.split, src.revision,
                                                 advice=_HUB_SOURCE_ADVICE)):
-        if number == 0 and src.field not in record:
+        where = f"hub data set {src.hub_id!r}, split {src.split!r} (row {number})"
+        if src.field not in record:  # every row: a data set can change its columns part-way
             raise missing_field(src.field, where, list(record))
         yield _check_value(record[src.field], src.field, where)
