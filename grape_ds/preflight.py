@@ -8,6 +8,9 @@ Each check raises :class:`PreflightError` with one message that names the file, 
 - resuming: the config changes nothing the run's checkpoints cannot follow (world size included);
 - a named tokenizer loads, is a fast tokenizer and has an end-of-text (eos) token (a hub name is
   checked only when it is in the local cache: pre-flight fetches nothing);
+- no stale extension build lock: a PyTorch/DeepSpeed JIT build (``TORCH_EXTENSIONS_DIR``) that was
+  killed leaves a ``lock`` file that makes the next build of that op wait in silence for ever; a lock
+  with no live process building in its folder is reported with the command that clears it;
 - with ``data=True``: every unit is packed (or its packed folder reused), which reads every record of
   every source, so bad records (invalid JSON or Unicode, missing fields), empty or too small units and
   token ids outside the vocabulary are found here, named by file, line and unit, and the ranks then
@@ -16,14 +19,45 @@ Each check raises :class:`PreflightError` with one message that names the file, 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from grape_ds.config import Config, config_to_dict
 from grape_ds.rundir import (RunDirError, check_writable, live_holder, refused_message, resume_changes)
 
-__all__ = ["PreflightError", "preflight"]
+__all__ = ["PreflightError", "preflight", "stale_build_locks"]
 
 
 class PreflightError(ValueError):
     """A launch would fail; the message names what and where."""
+
+
+def _extensions_root() -> Path:
+    import os
+    env = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if env:
+        return Path(env)
+    from torch.utils.cpp_extension import get_default_build_root
+    return Path(get_default_build_root())
+
+
+def stale_build_locks(root: Path | None = None) -> list[Path]:
+    """``lock`` files of JIT extension builds (``torch.utils.cpp_extension``'s ``FileBaton``, which
+    DeepSpeed's op builders use) under ``root`` (default: ``TORCH_EXTENSIONS_DIR``, else PyTorch's
+    default build root) that no live process is building: no process works in the lock's folder (the
+    compiler and ninja run there while a build is under way)."""
+    import psutil
+    root = Path(root) if root is not None else _extensions_root()
+    locks = [p for p in root.glob("*/lock")] + [p for p in root.glob("*/*/lock")] if root.is_dir() else []
+    if not locks:
+        return []
+    busy: set[Path] = set()
+    for proc in psutil.process_iter():
+        try:
+            busy.add(Path(proc.cwd()).resolve())
+        except (psutil.Error, OSError):
+            continue
+    return [lock for lock in locks
+            if not any(b == lock.parent.resolve() or lock.parent.resolve() in b.parents for b in busy)]
 
 
 def preflight(cfg: Config, world_size: int, resume: bool = True, data: bool = False) -> list[str]:
@@ -57,10 +91,14 @@ def preflight(cfg: Config, world_size: int, resume: bool = True, data: bool = Fa
             raise PreflightError(refused_message(run_dir, refused))
         notes.append(f"resumes {run_dir} from step {done[-1][0]}"
                      + (f" with changes: {'; '.join(allowed)}" if allowed else ""))
+    stale = stale_build_locks()
+    if stale:
+        raise PreflightError(
+            f"{stale[0]} is the lock of a JIT extension build that no process is running (a killed build "
+            "left it); a launch that needs that op would wait for it without end. Remove it: rm "
+            + " ".join(str(p) for p in stale))
     name = cfg.data.tokenizer.name
     if name is not None:
-        from pathlib import Path
-
         from grape_ds.data.tokenizer import load_named
         local = Path(name).exists()
         if not local and name.startswith(("/", "./", "../", "~")):

@@ -78,6 +78,22 @@ def _saved_run(root: Path, sets: list[str], world_size: int = 2) -> Path:
     return run
 
 
+def test_a_build_lock_nobody_holds_is_stale_and_one_being_built_is_not(tmp_path):
+    from grape_ds.preflight import stale_build_locks
+    lock = tmp_path / "fused_adam" / "lock"
+    lock.parent.mkdir()
+    lock.write_text("")
+    assert stale_build_locks(tmp_path) == [lock]
+    building = subprocess.Popen([sys.executable, "-c", "import time; print('in', flush=True); time.sleep(60)"],
+                                cwd=lock.parent, stdout=subprocess.PIPE, text=True)
+    try:
+        assert building.stdout.readline().strip() == "in"
+        assert stale_build_locks(tmp_path) == []  # a compiler at work in the folder: a live build
+    finally:
+        building.kill()
+        building.wait()
+
+
 def test_resume_changes_name_every_key_and_the_world_size(tmp_path):
     run = _saved_run(tmp_path, TINY)
     new = load_config(DEMO, [*TINY, f"logging.output_dir={tmp_path}", "model.n_layer=3", "mixture.mu_task=1",
@@ -269,6 +285,8 @@ CASES = {
     "run directory in use": (lambda c: c.demo(extra=("--x-hold",)), ["runs/old is in use by a live run", "process id"]),
     "resume with another model": (lambda c: c.demo("model.n_layer=3"),
                                   ["cannot resume", "model.n_layer: 2 -> 3", "--no-resume", "logging.run_name"]),
+    "stale extension build lock": (lambda c: c.demo(extra=("--x-lock",)),
+                                   ["the lock of a JIT extension build that no process is running", "rm "]),
     "resume on another world size": (lambda c: [*c.demo(), "--world-size", "1"],
                                      ["cannot resume", "world size: 2 ranks -> 1 ranks", "keep it at 16",
                                       "train.gradient_accumulation_steps=4"]),
@@ -281,7 +299,7 @@ def _bytes(path: Path, data: bytes) -> Path:
 
 
 def test_the_census_has_at_least_25_inputs():
-    assert len(CASES) >= 25 and len(CASES) == 34
+    assert len(CASES) >= 25 and len(CASES) == 35
 
 
 def test_the_census_inputs_are_right_but_for_their_fault(census, capsys):
@@ -292,7 +310,7 @@ def test_the_census_inputs_are_right_but_for_their_fault(census, capsys):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_is_named_before_launch(case, census, capsys):
+def test_bad_input_is_named_before_launch(case, census, capsys, monkeypatch):
     from grape_ds.cli import main as cli_main
     from grape_ds.launch import main as launch_main
     make, expected = CASES[case]
@@ -301,6 +319,12 @@ def test_bad_input_is_named_before_launch(case, census, capsys):
     if "--x-hold" in argv:
         argv.remove("--x-hold")
         holder = hold_lock(census.old)
+    if "--x-lock" in argv:  # a build of an op killed mid-way, in the extensions folder
+        argv.remove("--x-lock")
+        extensions = census.root / "torch_extensions"
+        (extensions / "cpu_adam").mkdir(parents=True, exist_ok=True)
+        (extensions / "cpu_adam" / "lock").write_text("")
+        monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions))
     before = _snapshot(census.old)
     try:
         rc = launch_main(argv[1:]) if argv[0] == "launch" else cli_main(argv)
