@@ -664,15 +664,21 @@ def _leave_after_collective_failure(run: Run, exc: Exception) -> None:
     os._exit(3)
 
 
-def _shutdown() -> None:
-    """Leave the process group in order: every rank past its last collective (a barrier), then
-    ``destroy_process_group``, so that no backend thread is still running when the interpreter exits
-    (a std::thread torn down mid-flight aborts the process: "terminate called without an active
-    exception", exit 250)."""
+def _shutdown(in_step: bool) -> None:
+    """Leave the process group before the interpreter exits, on every way out of :func:`main`. A
+    process that exits with its gloo/NCCL group still alive can abort in C++ teardown ("terminate
+    called without an active exception", exit status 250 or SIGABRT): seen after a finished run and
+    after a refused resume. ``in_step``: every rank got here together (a finished or stopped run), so
+    a barrier first lets the last collective complete everywhere."""
     import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        barrier()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if in_step:
+            barrier()
         dist.destroy_process_group()
+    except Exception as exc:  # noqa: BLE001 - leaving anyway; say why the group did not close cleanly
+        log.warning("leaving the process group failed (%s: %s)", type(exc).__name__, exc)
 
 
 def main(argv=None) -> int:
@@ -689,7 +695,7 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"grape-ds: config error: {exc}", file=sys.stderr)
         return 2
-    run = None
+    run, clean = None, False
     try:
         with devices.check_from_env():  # GRAPE_DS_CHECK_DEVICES: fail on the CPU where a GPU would
             try:
@@ -712,11 +718,12 @@ def main(argv=None) -> int:
         write_status(run, stop, args.stop_at)
         if run.rank == 0:
             print(_final_message(cfg, run.state.step >= cfg.train.max_steps), flush=True)
-        _shutdown()
+        clean = True
         return 0
     finally:
         if run is not None and run.lock is not None:
             run.lock.release()
+        _shutdown(in_step=clean)
 
 
 if __name__ == "__main__":

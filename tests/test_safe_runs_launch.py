@@ -56,6 +56,7 @@ def test_one_live_run_per_directory_a_clean_stop_and_a_refused_resume(tmp_path, 
     second = launch(tmp_path, data_cache, [*LONG, "train.seed=7"], check=False, timeout=180)
     said = " ".join((second.stdout + second.stderr).split())
     assert second.returncode == 2, said[-3000:]
+    assert "terminate called" not in said  # left its process group before exiting
     assert (f"is in use by a live run (host {socket.gethostname()}, process id {holder['pid']}, since"
             in said), said[-3000:]
     assert (run / "config.yaml").read_bytes() == config
@@ -81,7 +82,7 @@ def test_one_live_run_per_directory_a_clean_stop_and_a_refused_resume(tmp_path, 
     said = " ".join((changed.stdout + changed.stderr).split())
     assert changed.returncode == 2, said[-3000:]
     assert "model.n_layer: 2 -> 3" in said and "world size: 2 ranks -> 1 ranks" in said, said[-3000:]
-    assert "Traceback" not in said
+    assert "Traceback" not in said and "terminate called" not in said
     assert _files(run) == before
 
 
