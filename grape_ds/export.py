@@ -28,6 +28,7 @@ from grape_ds.checkpoint import complete_checkpoints
 from grape_ds.config import Config, load_config
 from grape_ds.data import PackedData, prepare_data
 from grape_ds.model import build_model
+from grape_ds.rundir import RunDirError, saved_world_size
 
 __all__ = ["RunDirError", "TrainedRun", "load_run_config", "select_checkpoint", "fp32_state_dict",
            "load_trained_run", "export_hf", "EXPORT_INFO"]
@@ -35,10 +36,6 @@ __all__ = ["RunDirError", "TrainedRun", "load_run_config", "select_checkpoint", 
 log = logging.getLogger(__name__)
 
 EXPORT_INFO = "grape_ds_export.json"  # in an export folder: which run and checkpoint it came from
-
-
-class RunDirError(ValueError):
-    """A run directory lacks what is needed (its config, a complete checkpoint); the message says what."""
 
 
 @dataclass
@@ -64,9 +61,7 @@ def load_run_config(run_dir: Path) -> Config:
         if not path.is_file():
             raise RunDirError(f"{run_dir} is not a grape-ds run directory: {path.name} is missing "
                               "(every run writes config.yaml and ds_config.json when it starts)")
-    ds = json.loads(ds_json.read_text())
-    world_size = ds["train_batch_size"] // (ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"])
-    return load_config(config, [f"deepspeed.config={ds_json.resolve()}"], world_size=world_size)
+    return load_config(config, [f"deepspeed.config={ds_json.resolve()}"], world_size=saved_world_size(run_dir))
 
 
 def select_checkpoint(run_dir: Path, step: int | None = None) -> tuple[int, str]:

@@ -305,11 +305,7 @@ def run_owning_ranks(cmd: list[str]) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
         signal.signal(sig, forward)
-    while True:
-        try:
-            return proc.wait()
-        except InterruptedError:  # pragma: no cover - PEP 475 retries wait() itself
-            continue
+    return proc.wait()
 
 
 def slurm_master_port(job_id: int) -> int:

@@ -19,16 +19,49 @@ Each check raises :class:`PreflightError` with one message that names the file, 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from grape_ds.config import Config, config_to_dict
 from grape_ds.rundir import (RunDirError, check_writable, live_holder, refused_message, resume_changes)
 
-__all__ = ["PreflightError", "preflight", "stale_build_locks"]
+__all__ = ["PreflightError", "preflight", "stale_build_locks", "ResumePlan", "resume_plan"]
 
 
 class PreflightError(ValueError):
     """A launch would fail; the message names what and where."""
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """What a resume of a run directory will load: the newest complete checkpoint that is whole,
+    the number of ranks that wrote it, and the config changes it accepts (``"key: old -> new"``)."""
+    step: int
+    tag: str
+    world_size: int | None
+    allowed: list[str]
+
+
+def resume_plan(cfg: Config, world_size: int) -> ResumePlan | None:
+    """The resume of ``cfg.run_dir`` on ``world_size`` ranks, or None when it has no complete
+    checkpoint. The one check both the pre-flight and a launching rank 0 make.
+
+    Raises:
+        RunDirError: the config or world size changed in a way the checkpoint cannot follow (every
+            change listed, :func:`grape_ds.rundir.refused_message`), or the saved config is unreadable.
+    """
+    from grape_ds.checkpoint import checkpoint_world_size, complete_checkpoints, verify_checkpoint
+    ckpt_dir = cfg.run_dir / "checkpoints"
+    done = complete_checkpoints(ckpt_dir)
+    if not done:
+        return None
+    step, tag = next(((s, t) for s, t in reversed(done) if verify_checkpoint(ckpt_dir / t) is None), done[-1])
+    ckpt_world = checkpoint_world_size(ckpt_dir / tag)
+    allowed, refused = resume_changes(cfg.run_dir, config_to_dict(cfg), world_size,
+                                      cfg.ds_config["train_batch_size"], ckpt_world)
+    if refused:
+        raise RunDirError(refused_message(cfg.run_dir, refused))
+    return ResumePlan(step, tag, ckpt_world, allowed)
 
 
 def _extensions_root() -> Path:
@@ -78,19 +111,13 @@ def preflight(cfg: Config, world_size: int, resume: bool = True, data: bool = Fa
         raise PreflightError(f"run directory {run_dir} is in use by a live run (host {holder.get('host')}, "
                              f"process id {holder.get('pid')}); wait for it to end or choose another "
                              "logging.run_name")
-    from grape_ds.checkpoint import checkpoint_world_size, complete_checkpoints
-    done = complete_checkpoints(run_dir / "checkpoints") if resume and cfg.checkpoint.resume else []
-    if done:
-        try:
-            allowed, refused = resume_changes(run_dir, config_to_dict(cfg), world_size,
-                                              cfg.ds_config["train_batch_size"],
-                                              checkpoint_world_size(run_dir / "checkpoints" / done[-1][1]))
-        except RunDirError as exc:
-            raise PreflightError(str(exc)) from None
-        if refused:
-            raise PreflightError(refused_message(run_dir, refused))
-        notes.append(f"resumes {run_dir} from step {done[-1][0]}"
-                     + (f" with changes: {'; '.join(allowed)}" if allowed else ""))
+    try:
+        plan = resume_plan(cfg, world_size) if resume and cfg.checkpoint.resume else None
+    except RunDirError as exc:
+        raise PreflightError(str(exc)) from None
+    if plan is not None:
+        notes.append(f"resumes {run_dir} from step {plan.step}"
+                     + (f" with changes: {'; '.join(plan.allowed)}" if plan.allowed else ""))
     stale = stale_build_locks()
     if stale:
         raise PreflightError(

@@ -27,6 +27,8 @@ Tied weights (GPT-2's ``wte``/``lm_head``) are one parameter and are counted onc
 
 from __future__ import annotations
 
+import itertools
+
 from contextlib import contextmanager
 
 import torch
@@ -78,8 +80,7 @@ class GradientProbe:
         self.offsets: list[int] = []   # exact: start of the parameter in the flat vector; sketch: bucket offset
         self.signs: list[torch.Tensor] = []  # sketch: packed sign bits per parameter, [ceil(n / 8)] uint8
         if estimator == "exact":
-            self.offsets = [int(x) for x in torch.tensor([0] + [p.numel() for p in self.params[:-1]],
-                                                         device="cpu").cumsum(0)]
+            self.offsets = list(itertools.accumulate((p.numel() for p in self.params[:-1]), initial=0))
         self.round_key: int | None = None
         self.set_round(0)
         self.buffer = torch.zeros(num_units, self.dim, dtype=torch.float32, device=device)  # [units, m]

@@ -155,8 +155,8 @@ class RunLock:
         try:
             info = _read_info(self._fd)
             _write_info(self._fd, {**info, "released": time.time()})
-        except OSError:
-            pass  # a full or read-only disk: the kernel still drops the lock below
+        except OSError as exc:  # a full or read-only disk: closing below still drops the lock
+            log.warning("could not mark %s released (%s); the lock itself is dropped", self.path, exc)
         os.close(self._fd)
         self._fd = None
 

@@ -13,7 +13,7 @@ evaluation and checkpointing, each deciding for itself whether this step is its 
 from __future__ import annotations
 
 import argparse
-import copy
+import dataclasses
 import json
 import logging
 import os
@@ -28,8 +28,7 @@ import torch
 import yaml
 
 from grape_ds import devices
-from grape_ds.checkpoint import (CheckpointError, Checkpointer, checkpoint_world_size, complete_checkpoints,
-                                 to_universal, verify_checkpoint)
+from grape_ds.checkpoint import CheckpointError, Checkpointer, to_universal
 from grape_ds.config import Config, ConfigError, config_to_dict, load_config
 from grape_ds.controller import UPDATES_TASKS, MethodParams, MixtureController, RoundStats
 from grape_ds.data import MixtureSampler, PackedData, prepare_data
@@ -41,7 +40,8 @@ from grape_ds.evaluation import Evaluator, mc_items_for
 from grape_ds.model import build_model
 from grape_ds.monitor import build_monitor, truncate_jsonl
 from grape_ds.probe import GradientProbe
-from grape_ds.rundir import LOCK_FILE, RunDirError, RunLock, refused_message, resume_changes
+from grape_ds.preflight import resume_plan
+from grape_ds.rundir import LOCK_FILE, RunDirError, RunLock
 
 __all__ = ["Run", "build_run", "claim_run_dir", "train", "main", "parse_args", "DataError"]
 
@@ -133,27 +133,19 @@ def claim_run_dir(cfg: Config, resume: bool, world_size: int) -> tuple[RunLock, 
             or the conversion failed.
     """
     lock, universal = RunLock.acquire(cfg.run_dir), None
-    ckpt_dir = cfg.run_dir / "checkpoints"
     try:
         if not resume and _set_aside(cfg.run_dir):  # moved with the folder, still held: lock anew
             old, lock = lock, RunLock.acquire(cfg.run_dir)
             old.release()
-        elif resume and cfg.checkpoint.resume and (done := complete_checkpoints(ckpt_dir)):
-            step, tag = next(((s, t) for s, t in reversed(done) if verify_checkpoint(ckpt_dir / t) is None),
-                             done[-1])
-            ckpt_world = checkpoint_world_size(ckpt_dir / tag)
-            allowed, refused = resume_changes(cfg.run_dir, config_to_dict(cfg), world_size,
-                                              cfg.ds_config["train_batch_size"], ckpt_world)
-            if refused:
-                raise RunDirError(refused_message(cfg.run_dir, refused))
-            for change in allowed:
+        elif resume and cfg.checkpoint.resume and (plan := resume_plan(cfg, world_size)) is not None:
+            for change in plan.allowed:
                 log.warning("resuming %s with a changed config: %s", cfg.run_dir, change)
-            if ckpt_world is not None and ckpt_world != world_size:
+            if plan.world_size is not None and plan.world_size != world_size:
                 try:
-                    to_universal(ckpt_dir, tag)
+                    to_universal(cfg.run_dir / "checkpoints", plan.tag)
                 except CheckpointError as exc:
                     raise RunDirError(f"cannot resume on {world_size} ranks: {exc}") from None
-                universal = (step, tag, ckpt_world)
+                universal = (plan.step, plan.tag, plan.world_size)
     except BaseException:
         lock.release()
         raise
@@ -187,7 +179,7 @@ def build_run(cfg: Config, resume: bool = True) -> Run:
 
     try:
         data = prepare_data(cfg.data, local_rank=get_local_rank())
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, OSError, RuntimeError) as exc:  # what the pre-flight reports as data errors
         raise DataError(str(exc)) from exc
     # on the engine's device before the probe hooks it, so the probe's buffers are built there
     model = build_model(cfg.model, data.vocab_size, data.eot_id, seed=cfg.train.seed).to(devices.current())
@@ -198,13 +190,12 @@ def build_run(cfg: Config, resume: bool = True) -> Run:
         staged = bool(cfg.ds_config.get("fp16", {}).get("enabled", False))
         rows = len(data.domains) + len(data.tasks) + sum(batch_rows)
         probe = GradientProbe(model, rows, cfg.probe.estimator, cfg.probe.dim, cfg.probe.seed, staged=staged)
-    if universal is not None:  # resuming on another number of ranks: DeepSpeed loads the conversion
-        written = copy.deepcopy(cfg.ds_config)
-        cfg.ds_config["checkpoint"] = {**cfg.ds_config.get("checkpoint", {}), "load_universal": True}
-        engine = ds_engine.build_engine(model, cfg)
-        cfg.ds_config = written  # what the run directory records: no load_universal for later resumes
-    else:
-        engine = ds_engine.build_engine(model, cfg)
+    engine_cfg = cfg
+    if universal is not None:  # another number of ranks: DeepSpeed loads the conversion (this launch
+        # only: the run directory's ds_config.json keeps no load_universal for later resumes)
+        ds = {**cfg.ds_config, "checkpoint": {**cfg.ds_config.get("checkpoint", {}), "load_universal": True}}
+        engine_cfg = dataclasses.replace(cfg, ds_config=ds)
+    engine = ds_engine.build_engine(model, engine_cfg)
     precision = ds_engine.precision(engine)
     if probe is not None:
         probe.to(engine.device)
@@ -398,8 +389,8 @@ def measure_round(run: Run, step: int) -> tuple[RoundStats, int]:
     first = slice(0, k + n + e_rows) if two_phase else slice(None)
     proj, losses, seqs = probe.reduce(first)
     if two_phase:
-        partial = _round_stats(run, proj, losses, seqs, e_rows, 0)
-        z_next = broadcast_object(ctl.preview_z(partial).tolist() if run.rank == 0 else None)
+        z_next = broadcast_object(ctl.preview_z(_round_stats(run, proj, losses, seqs, e_rows, 0)).tolist()
+                                  if run.rank == 0 else None)  # only rank 0's controller needs the Gram
         _probe_rows(run, mixture_batches(data, cfg, rank, step, TARGET_MIXTURE, z_next, k + n + e_rows, c_rows))
         proj_c, losses_c, seqs_c = probe.reduce(slice(k + n + e_rows, None))
         proj, losses, seqs = (torch.cat(pair) for pair in ((proj, proj_c), (losses, losses_c), (seqs, seqs_c)))
