@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import sys
 
@@ -20,7 +21,7 @@ import torch.distributed as dist
 
 from grape_ds.devices import check_collective
 
-__all__ = ["LaunchError", "free_port", "is_local_address", "port_in_use", "check_port_free", "adopt_slurm_env", "get_rank", "get_world_size", "get_local_rank", "is_main", "setup_logging", "barrier", "is_collective_failure",
+__all__ = ["LaunchError", "free_port", "is_local_address", "port_in_use", "check_port_free", "adopt_slurm_env", "get_rank", "get_world_size", "get_local_rank", "is_main", "setup_logging", "barrier", "is_collective_failure", "rank_places", "lost_peers",
            "broadcast_object", "all_reduce_sum"]
 
 
@@ -41,10 +42,8 @@ def is_local_address(addr: str) -> bool:
         return False
     if ip.startswith("127."):
         return True
-    try:
-        return ip in socket.gethostbyname_ex(socket.gethostname())[2]
-    except OSError:
-        return False
+    from grape_ds.hostprobe import interfaces  # every address of this host (a network namespace's too)
+    return any(ip in addrs for addrs in interfaces().values())
 
 
 def free_port() -> int:
@@ -161,6 +160,50 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def _rank_address() -> str:
+    """The address this rank talks from: its socket interface's (``GLOO_SOCKET_IFNAME``), else the one
+    the route to ``MASTER_ADDR`` leaves from (a UDP connect sends nothing), else loopback."""
+    ifname = (os.environ.get("GLOO_SOCKET_IFNAME") or os.environ.get("NCCL_SOCKET_IFNAME") or "").split(",")[0]
+    if ifname:
+        from grape_ds.hostprobe import interfaces
+        addrs = interfaces().get(ifname)
+        if addrs:
+            return addrs[0]
+    master = os.environ.get("MASTER_ADDR")
+    if master:
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.connect((master, int(os.environ.get("MASTER_PORT", "29500"))))
+                return s.getsockname()[0]
+        except OSError:
+            pass
+    return "127.0.0.1"
+
+
+def rank_places() -> list[dict]:
+    """Where every rank runs, gathered from all ranks (a collective): one ``{"rank", "host",
+    "address", "pid", "local_rank", "slurm_node"}`` per rank, in rank order. ``address`` tells hosts
+    apart where their names do not (containers, network namespaces); ``slurm_node`` is the SLURM node
+    of an srun task (None elsewhere)."""
+    me = {"rank": get_rank(), "host": socket.gethostname(), "address": _rank_address(), "pid": os.getpid(),
+          "local_rank": get_local_rank(), "slurm_node": os.environ.get("SLURMD_NODENAME")}
+    if not (dist.is_available() and dist.is_initialized()):
+        return [me]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, me)
+    return out
+
+
+def lost_peers(exc: BaseException, places: list[dict], rank: int) -> str:
+    """The other ranks a collective failure points at, for the message: those at the peer address
+    gloo names (``Connection closed by peer [10.0.0.2]:port``), else all other ranks; each as
+    ``rank R on HOST (ADDRESS, pid P)``."""
+    others = [p for p in places if p["rank"] != rank]
+    named = {a for a in re.findall(r"\[([0-9a-fA-F.:]+)\]:\d+", str(exc))}
+    hit = [p for p in others if p["address"] in named] or others
+    return ", ".join(f"rank {p['rank']} on {p['host']} ({p['address']}, pid {p['pid']})" for p in hit)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

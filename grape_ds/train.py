@@ -35,7 +35,7 @@ from grape_ds.data import MixtureSampler, PackedData, prepare_data
 from grape_ds.data.sampler import TARGET_MIXTURE, TRAIN_MIXTURE, mixture_batch, probe_windows
 from grape_ds.distributed import (adopt_slurm_env, all_reduce_sum, barrier, broadcast_object,
                                   get_local_rank, get_rank, get_world_size, is_collective_failure,
-                                  setup_logging)
+                                  lost_peers, rank_places, setup_logging)
 from grape_ds.evaluation import Evaluator, mc_items_for
 from grape_ds.model import build_model
 from grape_ds.monitor import build_monitor, truncate_jsonl
@@ -82,17 +82,19 @@ class Run:
     precision: object      # grape_ds.engine.Precision: autocast and loss scaling of the engine
     mixture_batches: tuple[int, int] = (0, 0)  # research form: (train-mixture, target-mixture) rows
     lock: RunLock | None = None  # rank 0: the run directory's lock, released when the run ends
+    places: list = dataclasses.field(default_factory=list)  # distributed.rank_places(): host of each rank
 
 
 # ----------------------------------------------------------------------------------------------
 # Setup
 # ----------------------------------------------------------------------------------------------
 
-def _write_run_files(cfg: Config) -> None:
+def _write_run_files(cfg: Config, places: list[dict]) -> None:
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     (run_dir / "ds_config.json").write_text(json.dumps(cfg.ds_config, indent=2) + "\n")
+    (run_dir / "ranks.json").write_text(json.dumps(places, indent=1) + "\n")  # this launch's hosts
 
 
 def _set_aside(run_dir: Path) -> bool:
@@ -165,6 +167,7 @@ def build_run(cfg: Config, resume: bool = True) -> Run:
 
     ds_engine.init_distributed(cfg.deepspeed.timeout_minutes)
     rank, world_size = get_rank(), get_world_size()
+    places = rank_places()
     if cfg.train.deterministic:
         devices.use_deterministic_algorithms()
     lock, refusal, universal = None, None, None
@@ -228,7 +231,7 @@ def build_run(cfg: Config, resume: bool = True) -> Run:
         if state.step != engine.global_steps:
             raise RuntimeError(f"checkpoint step {state.step} != engine step {engine.global_steps}")
     if rank == 0:  # the checkpoint (if any) loaded: this launch's config becomes the run's
-        _write_run_files(cfg)
+        _write_run_files(cfg, places)
     if probe is not None:  # the projection of the round the next in-band steps feed
         probe.set_round(next_round_step(state.step, cfg.mixture.every))
     evaluator = Evaluator(data, cfg.eval.every, cfg.eval.batch_size, cfg.eval.max_windows, rank,
@@ -242,7 +245,7 @@ def build_run(cfg: Config, resume: bool = True) -> Run:
                             start_step=state.step, progress=cfg.logging.progress)
     devices.reset_peak_memory(engine.device)
     return Run(cfg, data, engine, sampler, controller, probe, checkpointer, evaluator, monitor, state,
-               rank, world_size, precision, batch_rows, lock)
+               rank, world_size, precision, batch_rows, lock, places)
 
 
 def _trace_path(cfg: Config, rank: int) -> Path:
@@ -645,10 +648,11 @@ def _leave_after_collective_failure(run: Run, exc: Exception) -> None:
     can block, and the launcher (deepspeed, srun --kill-on-bad-exit) ends the other ranks."""
     saved = run.checkpointer.last_saved
     log.error("rank %d: a collective failed at step %d: another rank died or did not answer within "
-              "deepspeed.timeout_minutes=%g. The job stops; run the same command again to resume from "
-              "the newest complete checkpoint%s. (%s: %s)", run.rank, run.state.step,
-              run.cfg.deepspeed.timeout_minutes, f" (step {saved})" if saved else "",
-              type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+              "deepspeed.timeout_minutes=%g; lost: %s. The job stops; run the same command again to "
+              "resume from the newest complete checkpoint%s. (%s: %s)", run.rank, run.state.step,
+              run.cfg.deepspeed.timeout_minutes, lost_peers(exc, run.places, run.rank) or "?",
+              f" (step {saved})" if saved else "", type(exc).__name__,
+              str(exc).splitlines()[0] if str(exc) else "")
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -3,6 +3,7 @@
 CONFIG=${CONFIG:-yaml_configs/demo.yaml}   # the experiment
 SETS=${SETS:-}                             # extra overrides, space-separated: "train.max_steps=100 ..."
 MODE=${MODE:-srun}                         # srun | deepspeed
+SOCKET_IFNAME=${SOCKET_IFNAME:-}           # network interface of the ranks (GLOO_/NCCL_SOCKET_IFNAME)
 REQUEUE=${REQUEUE:-1}                      # requeue the job when training stopped early on a signal
 GRAPE_DS_ROOT=${GRAPE_DS_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}  # the checkout (sbatch from its root)
 PYTHON=${PYTHON:-}                         # default: $GRAPE_DS_ROOT/.venv/bin/python, else python3
@@ -16,7 +17,7 @@ fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$GRAPE_DS_ROOT/.cache/torch_extensions}
 export TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
-args=(slurm --mode "$MODE" --config "$CONFIG")
+args=(slurm --mode "$MODE" --config "$CONFIG" --socket-ifname "$SOCKET_IFNAME")
 for s in $SETS; do args+=(--set "$s"); done
 [[ $REQUEUE == 1 ]] && args+=(--requeue-stopped)
 echo "[grape-ds] job ${SLURM_JOB_ID:-none} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST:-no allocation} at $(date -Is)"

@@ -8,7 +8,8 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "grape_ds"
 
 # Leaf modules anyone may import.
-SHARED = {"grape_ds.config", "grape_ds.devices", "grape_ds.distributed", "grape_ds.schedules", "grape_ds.rundir"}
+SHARED = {"grape_ds.config", "grape_ds.devices", "grape_ds.distributed", "grape_ds.schedules", "grape_ds.rundir",
+          "grape_ds.hostprobe"}
 # Extra edges allowed beyond SHARED (the wiring modules and the data package's own internals).
 ALLOWED = {
     "grape_ds.train": "*",
