@@ -60,3 +60,26 @@ def launch(run_root: Path, cache: Path, overrides=(), args=(), world_size: int =
         tail = (proc.stdout + proc.stderr)[-6000:]
         raise AssertionError(f"launch failed with exit code {proc.returncode}:\n{tail}")
     return proc
+
+
+# The uninterrupted 2-rank run that stopped, resumed, moved and multi-host runs of the same config are
+# compared with (tests/test_preempt.py, test_slurm.py, test_multinode.py): TINY plus these.
+REFERENCE_SETS = ["train.max_steps=30", "checkpoint.every=0", "eval.every=0", "mixture.every=10",
+                  "logging.trace_batches=false"]
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory, data_cache) -> Path:
+    """``REFERENCE_SETS`` on 2 ranks of this host under the deepspeed launcher, run once per session."""
+    root = tmp_path_factory.mktemp("reference")
+    launch(root, data_cache, [*REFERENCE_SETS, "logging.run_name=reference"])
+    return root / "reference"
+
+
+def final_params(run: Path) -> dict:
+    """The fp32 parameters of a run's newest complete checkpoint (merged from its ZeRO shards)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from grape_ds.checkpoint import complete_checkpoints
+    ckpt = run / "checkpoints"
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=complete_checkpoints(ckpt)[-1][1])

@@ -1,7 +1,16 @@
-"""A real SLURM: a one-node cluster (munged, slurmctld, slurmd; Debian's packages, installed if missing)
-started under a temporary folder, the single-node batch script submitted to it, and torn down by
-process id. Then a job stopped half-way with ``scancel --signal=TERM`` and resubmitted: it resumes
-from the checkpoint it saved and ends with the uninterrupted run's parameters.
+"""A real SLURM: two emulated nodes cn1 and cn2 (munged, slurmctld, two slurmd; Debian's packages,
+installed if missing; recipe: shared/reference/SLURM_LOCAL.md) started under a temporary folder, with
+an sshd answering for both names (``scripts/ci/hosts_up.sh``) so the deepspeed launcher can reach them
+with pdsh. Torn down by process id.
+
+* The single-node batch script runs 2 ranks on one node to the end.
+* The multi-node script in both modes (srun: one task per rank; deepspeed: the launcher over the
+  generated hostfile, pdsh over ssh), one rank per node, is signalled half-way through the batch
+  shell (``scancel --batch``, as SLURM's ``--signal=B:USR1`` warning before the time limit does) and
+  resubmitted: it resumes from the checkpoint it saved.
+* Each ends with the parameters of the session's 2-rank reference run of the same config.
+* An allocation made with ``--ntasks`` (no ``SLURM_NTASKS_PER_NODE``) gets its ranks per node derived,
+  or a message naming the sbatch option to add.
 
 Needs root and apt (the CI machines have both); elsewhere it is skipped with the reason.
 """
@@ -20,14 +29,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TINY
+from conftest import REFERENCE_SETS, REPO, TINY, final_params
 from grape_ds.checkpoint import complete_checkpoints
 
 pytestmark = pytest.mark.slow
 
-SCRIPT = REPO / "launchers" / "slurm_single_node.sbatch"
-SETS = [*TINY, "train.max_steps=60", "checkpoint.every=0", "eval.every=0", "mixture.every=10",
-        "logging.trace_batches=false"]
+SINGLE = REPO / "launchers" / "slurm_single_node.sbatch"
+MULTI = REPO / "launchers" / "slurm_multi_node.sbatch"
+# one rank per node on the CPU nodes (the script's #SBATCH lines are for GPU nodes)
+MULTI_OPTS = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=00:10:00"]
+SETS = [*TINY, *REFERENCE_SETS]  # the config of the session's reference run (conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -35,23 +46,27 @@ def slurm(tmp_path_factory):
     if os.geteuid() != 0 or not (shutil.which("sbatch") or shutil.which("apt-get")):
         pytest.skip("a local SLURM cluster needs root and apt-get (or SLURM already installed)")
     base = tmp_path_factory.mktemp("slurm")
-    env = {**os.environ, "SLURM_LOCAL_DIR": str(base / "cluster")}
-    up = subprocess.run(["bash", str(REPO / "scripts/ci/slurm_up.sh")], env=env, capture_output=True,
-                        text=True, timeout=600)
+    env = {**os.environ, "SLURM_LOCAL_DIR": str(base / "cluster"), "SLURM_NODES": "2",
+           "HOSTS_DIR": str(base / "hosts"), "HOSTS_NETNS": "0", "HOSTS_LOOPBACK": "cn1 cn2"}
     try:
-        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
-        env["SLURM_CONF"] = str(base / "cluster" / "etc" / "slurm.conf")
+        for script in ("slurm_up.sh", "hosts_up.sh"):
+            up = subprocess.run(["bash", str(REPO / "scripts/ci" / script)], env=env, capture_output=True,
+                                text=True, timeout=600)
+            assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+        env.update(SLURM_CONF=str(base / "cluster" / "etc" / "slurm.conf"), PDSH_RCMD_TYPE="ssh",
+                   PATH=f"{base / 'hosts' / 'bin'}:{env['PATH']}")  # the ssh wrapper, for pdsh
         yield env, base
     finally:
-        subprocess.run(["bash", str(REPO / "scripts/ci/slurm_down.sh")], env=env, capture_output=True,
-                       timeout=120)
+        for script in ("slurm_down.sh", "hosts_down.sh"):
+            subprocess.run(["bash", str(REPO / "scripts/ci" / script)], env=env, capture_output=True, timeout=120)
 
 
-def _submit(env: dict, base: Path, sets: list[str], **knobs: str) -> int:
+def _submit(env: dict, base: Path, sets: list[str], script: Path = SINGLE, opts: tuple[str, ...] = (),
+            **knobs: str) -> int:
     job_env = {**env, "PYTHON": sys.executable, "CONFIG": "yaml_configs/demo.yaml", "SETS": " ".join(sets),
                **knobs}
-    out = subprocess.run(["sbatch", "--parsable", f"--output={base}/slurm-%j.out", str(SCRIPT)], cwd=REPO,
-                         env=job_env, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(["sbatch", "--parsable", f"--output={base}/slurm-%j.out", *opts, str(script)],
+                         cwd=REPO, env=job_env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return int(out.stdout.strip().split(";")[0])
 
@@ -79,12 +94,6 @@ def _steps(run: Path) -> int:
     return json.loads(lines[-1])["step"] if lines else 0
 
 
-def _params(run: Path) -> dict[str, torch.Tensor]:
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    ckpt = run / "checkpoints"
-    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=complete_checkpoints(ckpt)[-1][1])
-
-
 def _log(base: Path, job_id: int) -> str:
     path = base / f"slurm-{job_id}.out"
     return path.read_text()[-4000:] if path.exists() else "(no batch log)"
@@ -98,7 +107,7 @@ def full_run(slurm, data_cache):
     return job_id, _wait(env, job_id), base / "full"
 
 
-def test_single_node_sbatch_runs_two_ranks_to_the_end(slurm, full_run):
+def test_single_node_sbatch_runs_two_ranks_to_the_end(slurm, full_run, reference_run):
     env, base = slurm
     job_id, job, run = full_run
     assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), _log(base, job_id)
@@ -106,34 +115,71 @@ def test_single_node_sbatch_runs_two_ranks_to_the_end(slurm, full_run):
     assert json.loads((run / "ds_config.json").read_text())["train_batch_size"] == 4 * 2 * 2  # 2 ranks
     assert sorted(p.name for p in (run / "slurm").glob("*.log")) == [f"job{job_id}-rank0.log",
                                                                       f"job{job_id}-rank1.log"]
-    assert _steps(run) == 60 and list((run / "tensorboard").glob("events.out.tfevents.*"))
-    assert [c[0] for c in complete_checkpoints(run / "checkpoints")] == [60]
+    assert [p["slurm_node"] for p in json.loads((run / "ranks.json").read_text())] == ["cn1", "cn1"]
+    assert _steps(run) == 30 and list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert [c[0] for c in complete_checkpoints(run / "checkpoints")] == [30]
+    a, b = final_params(run), final_params(reference_run)
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
 
 
-def test_sigterm_then_resubmit_resumes_to_the_same_parameters(slurm, full_run, data_cache):
+@pytest.mark.parametrize("mode", ["srun", "deepspeed"])
+def test_multi_node_job_stopped_by_scancel_and_resubmitted_ends_with_the_reference_parameters(
+        slurm, reference_run, data_cache, mode):
+    """One rank on each of two nodes; the signal goes to the batch shell, python -m grape_ds.launch.
+    srun mode: SIGUSR1 (the time-limit warning), which the launch passes to srun and srun to every
+    task. deepspeed mode: SIGTERM (a preemption), which the launch passes over ssh to the ranks pdsh
+    started under each node's sshd, outside the job's steps."""
     env, base = slurm
-    sets = [*SETS, f"logging.output_dir={base}", f"data.cache_dir={data_cache}", "logging.run_name=pre"]
-    run = base / "pre"
-    first = _submit(env, base, sets, REQUEUE="0")  # resubmitted by hand below
+    sets = [*SETS, f"logging.output_dir={base}", f"data.cache_dir={data_cache}", f"logging.run_name={mode}"]
+    run = base / mode
+    first = _submit(env, base, sets, MULTI, MULTI_OPTS, MODE=mode, REQUEUE="0")  # resubmitted by hand below
     deadline = time.time() + 240
     while _steps(run) < 8:
         assert time.time() < deadline and _job(env, first).get("JobState") in ("PENDING", "RUNNING"), \
             _log(base, first)
         time.sleep(0.2)
-    subprocess.run(["scancel", "--signal=TERM", str(first)], env=env, check=True, timeout=30)
+    sig = "USR1" if mode == "srun" else "TERM"
+    subprocess.run(["scancel", "--batch", f"--signal={sig}", str(first)], env=env, check=True, timeout=30)
     job = _wait(env, first)
     assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), _log(base, first)
     status = json.loads((run / "status.json").read_text())
-    assert status["state"] == "stopped" and status["reason"] == "SIGTERM", status
+    assert status["state"] == "stopped" and status["reason"] == f"SIG{sig}", status
     stopped = status["step"]
-    assert 8 <= stopped < 60 and [c[0] for c in complete_checkpoints(run / "checkpoints")] == [stopped]
+    assert 8 <= stopped < 30 and [c[0] for c in complete_checkpoints(run / "checkpoints")] == [stopped]
 
-    second = _submit(env, base, sets, REQUEUE="0")
+    second = _submit(env, base, sets, MULTI, MULTI_OPTS, MODE=mode, REQUEUE="0")
     job = _wait(env, second)
     assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), _log(base, second)
-    rank0 = (run / "slurm" / f"job{second}-rank0.log").read_text()
-    assert f"resumed from checkpoint {run / 'checkpoints'}/step{stopped:08d}" in rank0
-    a, b = _params(run), _params(full_run[2])
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"
+    if mode == "srun":
+        log = (run / "slurm" / f"job{second}-rank0.log").read_text()
+        nodes = [p["slurm_node"] for p in json.loads((run / "ranks.json").read_text())]
+        assert nodes == ["cn1", "cn2"]  # one rank on each node
+    else:
+        log = (base / f"slurm-{second}.out").read_text()
+        assert "global_rank_mapping=defaultdict(<class 'list'>, {'cn1': [0], 'cn2': [1]})" in log
+        assert re.search(r"^cn2: .*Process \d+ exits successfully", log, re.M)  # pdsh ran a rank on cn2
+    assert f"resumed from checkpoint {run / 'checkpoints'}/step{stopped:08d}" in log
+    a, b = final_params(run), final_params(reference_run)
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
     history = json.loads((run / "mixture.json").read_text())["history"]
-    assert history == json.loads((full_run[2] / "mixture.json").read_text())["history"]
+    assert history == json.loads((reference_run / "mixture.json").read_text())["history"]
+
+
+def test_an_allocation_made_with_ntasks_gets_its_ranks_per_node_derived_or_named(slurm, tmp_path):
+    """``--nodes=2 --ntasks=2`` sets no SLURM_NTASKS_PER_NODE: the launch derives 1 per node from
+    SLURM_TASKS_PER_NODE; uneven tasks (3 over 2 nodes) name the sbatch option to use instead."""
+    env, base = slurm
+    plan = f"{sys.executable} -m grape_ds.launch slurm --dry-run --config yaml_configs/demo.yaml " \
+           f"--set logging.output_dir={tmp_path}"
+    for ntasks, want in ((2, "SLURM job {job}: 2 node(s) x 1 rank(s) = 2"),
+                         (3, "SLURM job {job} has uneven tasks per node (SLURM_TASKS_PER_NODE=2,1)")):
+        out = subprocess.run(["sbatch", "--parsable", "--nodes=2", f"--ntasks={ntasks}", f"--chdir={REPO}",
+                              f"--output={tmp_path}/ntasks{ntasks}.out", "--wrap", plan], env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        job_id = int(out.stdout.strip().split(";")[0])
+        job = _wait(env, job_id, timeout=120)
+        text = (tmp_path / f"ntasks{ntasks}.out").read_text()
+        assert want.format(job=job_id) in text, text[-2000:]
+        assert job["ExitCode"] == ("0:0" if ntasks == 2 else "2:0") and "run inside a SLURM allocation" not in text
