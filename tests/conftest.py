@@ -1,5 +1,5 @@
-"""Shared fixtures: environment for DeepSpeed on CPU, a shared packed-data cache, and a launcher
-helper that runs real ranks through the ``deepspeed`` launcher.
+"""Shared fixtures: environment for DeepSpeed on CPU, a shared packed-data cache, and a helper that
+runs real ranks (separate processes, gloo) the way the ``deepspeed`` launcher starts them on one host.
 
 Every training process the tests start runs under grape-ds's device check
 (``GRAPE_DS_CHECK_DEVICES=1``, grape_ds/devices.py): a tensor grape-ds creates without naming its
@@ -10,8 +10,10 @@ device lands on ``meta`` and fails at its first use, as a CPU tensor fails under
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -45,21 +47,83 @@ TINY = [
 def launch(run_root: Path, cache: Path, overrides=(), args=(), world_size: int = 2,
            timeout: float = 300, check: bool = True, config: Path = DEMO,
            strict_devices: bool = False) -> subprocess.CompletedProcess:
-    """Run ``grape_ds.train`` with ``world_size`` ranks under the real ``deepspeed`` launcher. The demo
-    config is shrunk with ``TINY``; another config runs with its own values."""
+    """Run ``grape_ds.train`` with ``world_size`` real ranks on this host. The demo config is shrunk with
+    ``TINY``; another config runs with its own values.
+
+    The ranks are started as DeepSpeed's per-node launcher (``deepspeed.launcher.launch``) starts them:
+    ``python -u -m grape_ds.train --local_rank=R`` with ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
+    ``MASTER_ADDR``/``MASTER_PORT`` set, their output interleaved, and the first rank that fails ends
+    the others (SIGTERM, then SIGKILL 30 s later) and gives the exit status. Going without the
+    launcher's two processes saves about 5 s per run; the launcher itself is run by the tests of the
+    launch scripts (tests/test_launch.py, test_safe_runs_launch.py, test_multinode.py, test_slurm.py).
+    Returns a ``CompletedProcess`` whose ``stdout`` holds every rank's output (``stderr`` is empty).
+    """
     tiny = TINY if Path(config) == DEMO else []
     sets = [*tiny, f"logging.output_dir={run_root}", f"data.cache_dir={cache}", *overrides]
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(world_size),
-           "--master_port", str(free_port()), "--module", "grape_ds.train", "--config", str(config)]
+    train = ["--config", str(config)]
     for s in sets:
-        cmd += ["--set", s]
-    cmd += list(args)
+        train += ["--set", s]
+    train += list(args)
     env = {**os.environ, **({"GRAPE_DS_CHECK_DEVICES": "strict"} if strict_devices else {})}
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    proc = run_ranks(train, world_size, env, timeout)
     if check and proc.returncode != 0:
-        tail = (proc.stdout + proc.stderr)[-6000:]
-        raise AssertionError(f"launch failed with exit code {proc.returncode}:\n{tail}")
+        raise AssertionError(f"launch failed with exit code {proc.returncode}:\n{proc.stdout[-6000:]}")
     return proc
+
+
+def run_ranks(train_args: list[str], world_size: int, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """``world_size`` processes of ``python -u -m grape_ds.train <train_args>`` as one job on this host
+    (see :func:`launch`). Raises ``subprocess.TimeoutExpired`` (after killing them) past ``timeout``."""
+    import threading
+    port, (read_fd, write_fd) = free_port(), os.pipe()
+    procs = []
+    for rank in range(world_size):
+        rank_env = {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world_size),
+                    "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_SIZE": str(world_size),
+                    "CROSS_RANK": "0", "CROSS_SIZE": "1"}
+        cmd = [sys.executable, "-u", "-m", "grape_ds.train", f"--local_rank={rank}", *train_args]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=rank_env, stdout=write_fd, stderr=write_fd,
+                                      stdin=subprocess.DEVNULL, start_new_session=True))
+    os.close(write_fd)
+    chunks: list[bytes] = []
+
+    def read() -> None:
+        while chunk := os.read(read_fd, 65536):
+            chunks.append(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    deadline, failed, ended_at = time.monotonic() + timeout, None, None
+
+    def signal_all(sig) -> None:
+        for p in procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, sig)
+                except ProcessLookupError:
+                    pass
+
+    while any(p.poll() is None for p in procs):
+        if time.monotonic() > deadline:
+            signal_all(signal.SIGKILL)
+            for p in procs:
+                p.wait()
+            reader.join(5)
+            raise subprocess.TimeoutExpired(procs[0].args, timeout, output=b"".join(chunks).decode(errors="replace"))
+        if failed is None:
+            failed = next((p for p in procs if p.poll() not in (None, 0)), None)
+            if failed is not None:  # as deepspeed.launcher.launch does: end the others
+                signal_all(signal.SIGTERM)
+                ended_at = time.monotonic()
+        elif time.monotonic() - ended_at > 30:
+            signal_all(signal.SIGKILL)
+        time.sleep(0.05)
+    reader.join(10)
+    os.close(read_fd)
+    failed = failed or next((p for p in procs if p.returncode != 0), None)  # all ended before a poll saw one
+    code = failed.returncode if failed is not None else 0
+    return subprocess.CompletedProcess(procs[0].args, code if code >= 0 else 128 - code,
+                                       stdout=b"".join(chunks).decode(errors="replace"), stderr="")
 
 
 # The uninterrupted 2-rank run that stopped, resumed, moved and multi-host runs of the same config are
@@ -70,7 +134,7 @@ REFERENCE_SETS = ["train.max_steps=30", "checkpoint.every=0", "eval.every=0", "m
 
 @pytest.fixture(scope="session")
 def reference_run(tmp_path_factory, data_cache) -> Path:
-    """``REFERENCE_SETS`` on 2 ranks of this host under the deepspeed launcher, run once per session."""
+    """``REFERENCE_SETS`` on 2 ranks of this host (:func:`launch`), run once per session."""
     root = tmp_path_factory.mktemp("reference")
     launch(root, data_cache, [*REFERENCE_SETS, "logging.run_name=reference"])
     return root / "reference"

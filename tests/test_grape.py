@@ -1,4 +1,4 @@
-"""GRAPE on the engine, end to end with 2 real ranks under the deepspeed launcher.
+"""GRAPE on the engine, end to end with 2 real ranks (conftest.launch).
 
 - the planted corpus: grape finds the relevant domains and the hard task, doge raises the relevant
   domains (ground truth from grape_ds.data.planted); static staying exactly put is in test_train.py;

@@ -1,4 +1,4 @@
-"""Safe runs with real ranks (2, gloo, through the ``deepspeed`` launcher): a second launch into a live
+"""Safe runs with real ranks (2, gloo; the first under the ``deepspeed`` launcher): a second launch into a live
 run is refused by name and changes nothing; a resume with a changed model or world size is refused
 before anything is loaded or written; a stop signal saves and exits 0; an evaluation that fails
 leaves the final checkpoint and ``status.json`` and never makes the run unfinishable."""

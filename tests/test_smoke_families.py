@@ -1,5 +1,5 @@
 """A shrunk real-schema smoke run of each corpus family of the paper's grid, end to end with 2 real
-ranks under the deepspeed launcher: ClimbLab (GPT-2 token ids from Parquet), Wiki40B (marked-up
+ranks (conftest.launch): ClimbLab (GPT-2 token ids from Parquet), Wiki40B (marked-up
 articles, languages as domains and target languages' validation splits as tasks) and SlimPajama
 (``.jsonl.zst`` filtered by ``redpajama_set_name``), each with the targets of its grid.
 

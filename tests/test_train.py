@@ -1,9 +1,11 @@
-"""End-to-end: real ranks through the ``deepspeed`` launcher on the planted corpus (2 ranks, gloo).
+"""End-to-end: real ranks on the planted corpus (2 ranks, gloo, started as the deepspeed launcher does).
 
 One run of 2S steps with a static mixture that gives domain_0 a weight of 0 and the others equal
-ones (the demo itself is GRAPE; tests/test_grape.py covers that path). Exact resume is asserted on GRAPE runs, which take every path a static run takes
-and more: stopped and resumed in tests/test_gpu_check.py, signalled in tests/test_preempt.py,
-interrupted under SLURM in tests/test_slurm.py, after a corrupt checkpoint in tests/test_checkpoint.py.
+ones (the demo itself is GRAPE; tests/test_grape.py covers that path). Exact resume is asserted on
+GRAPE runs, which take every path a static run takes and more: stopped and resumed in
+tests/test_gpu_check.py, signalled under SLURM in tests/test_slurm.py and on two hosts in
+tests/test_multinode.py, moved between world sizes in tests/test_preempt.py, after a corrupt
+checkpoint in tests/test_checkpoint.py.
 """
 
 from __future__ import annotations
