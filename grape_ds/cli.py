@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,13 +27,19 @@ from grape_ds.config import ConfigError, config_to_dict, load_config
 __all__ = ["main"]
 
 
+def _load(args: argparse.Namespace):
+    """The experiment of ``args.config`` + ``--set``s, or None after printing the config error."""
+    try:
+        return load_config(args.config, args.overrides, world_size=args.world_size)
+    except ConfigError as exc:
+        print(f"grape-ds: config error: {exc}", file=sys.stderr)
+        return None
+
+
 def _check_config(args: argparse.Namespace) -> int:
     """Validate the config, then what a launch needs (:mod:`grape_ds.preflight`); exit 2 on a problem."""
     from grape_ds.preflight import PreflightError, preflight
-    try:
-        cfg = load_config(args.config, args.overrides, world_size=args.world_size)
-    except ConfigError as exc:
-        print(f"grape-ds: config error: {exc}", file=sys.stderr)
+    if (cfg := _load(args)) is None:
         return 2
     if args.data:
         from grape_ds.distributed import setup_logging
@@ -49,6 +56,27 @@ def _check_config(args: argparse.Namespace) -> int:
         print(f"# {note}", file=sys.stderr)
     print(f"# OK: {args.config} is valid for world size {args.world_size}"
           + ("" if args.data else " (data not packed: pass --data to read every record)"), file=sys.stderr)
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    """Pack every unit of an experiment into the data cache ahead of training (resumable, parallel)."""
+    from grape_ds.data import prepare_data
+    from grape_ds.data.packing import SHARD_DOCS
+    from grape_ds.distributed import setup_logging
+    if (cfg := _load(args)) is None:
+        return 2
+    setup_logging()
+    start = time.perf_counter()
+    try:
+        data = prepare_data(cfg.data, num_proc=args.num_proc, in_place_max_bytes=None,
+                            shard_docs=args.shard_docs or SHARD_DOCS)
+    except (ValueError, OSError, RuntimeError) as exc:
+        print(f"grape-ds prepare: data error: {exc}", file=sys.stderr)
+        return 2
+    tokens = sum(e["packed_tokens"] for e in data.manifest["units"].values())
+    print(f"grape-ds prepare: {data.root} holds {len(data.units)} units, {tokens} tokens in windows "
+          f"({time.perf_counter() - start:.1f} s); training with the same data settings reuses it")
     return 0
 
 
@@ -135,6 +163,16 @@ def main(argv=None) -> int:
                    help="also pack the data (reads every record; the run then reuses the packed folder)")
     c.add_argument("--no-resume", action="store_true", help="the launch starts over (no resume check)")
     c.add_argument("--stop-at", type=int, default=None, help=argparse.SUPPRESS)  # a train argument, ignored
+    r = sub.add_parser("prepare", help="pack every domain and task of an experiment into the data cache "
+                       "ahead of training (parallel, resumable; returns at once when already prepared)")
+    r.add_argument("config")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    r.add_argument("--num-proc", type=_positive_int, default=max(1, min(8, os.cpu_count() or 1)),
+                   help="tokenising processes (default: the CPUs, at most 8)")
+    r.add_argument("--shard-docs", type=_positive_int, default=None,
+                   help="documents per shard, the unit of parallel work and of resuming (default 4096)")
+    r.add_argument("--world-size", type=_positive_int, default=1,
+                   help="only for the config's batch arithmetic; the packed data does not depend on it")
     t = sub.add_parser("train", help="one rank of a training run (use under the deepspeed launcher)",
                        add_help=False)
     t.add_argument("rest", nargs=argparse.REMAINDER)
@@ -165,6 +203,8 @@ def main(argv=None) -> int:
         return _run_command(_export, args)
     if args.command == "check-config":
         return _check_config(args)
+    if args.command == "prepare":
+        return _prepare(args)
     if args.command == "train":
         from grape_ds.train import main as train_main
         return train_main(args.rest)

@@ -2,6 +2,7 @@
 content hash, and non-zero local ranks wait for local rank 0."""
 
 import json
+import logging
 import math
 import os
 import threading
@@ -145,21 +146,28 @@ def test_duplicate_unit_names_are_an_error(corpus):
         prepare_data(cfg)
 
 
-def test_nonzero_local_rank_waits_then_times_out(corpus, monkeypatch):
+def test_a_waiting_rank_has_no_fixed_timeout_and_gives_up_only_when_nobody_prepares(corpus, monkeypatch, caplog):
     cfg, _ = corpus
-    monkeypatch.setattr(packing, "_POLL_S", 0.02)
+    monkeypatch.setattr(packing, "WAIT_POLL_S", 0.02)
+    monkeypatch.setattr(packing, "WAIT_GRACE_S", 0.3)
+    monkeypatch.setattr(packing, "WAIT_LOG_EVERY_S", 0.1)
     start = time.monotonic()
-    with pytest.raises(TimeoutError, match=r"local rank 1 waited 0.3 s .*manifest.json.*local rank 0"):
-        prepare_data(cfg, local_rank=1, wait_timeout_s=0.3)
+    with pytest.raises(RuntimeError, match=r"local rank 1 waited for .*no process is preparing it.*grape-ds prepare"):
+        prepare_data(cfg, local_rank=1)
     assert 0.3 <= time.monotonic() - start < 5
-    # While local rank 0 builds, local rank 1 waits for the manifest and then opens the same folder.
-    builder = threading.Timer(0.2, prepare_data, args=(cfg,))
+    # While local rank 0 prepares (slowly: it holds the lock for longer than the grace), local rank 1
+    # waits, saying every WAIT_LOG_EVERY_S who prepares, then opens the same folder.
+    monkeypatch.setenv(packing.SHARD_DELAY_ENV, "0.2")
+    builder = threading.Timer(0.1, prepare_data, args=(cfg,))
     builder.start()
     try:
-        waited = prepare_data(cfg, local_rank=1, wait_timeout_s=60)
+        with caplog.at_level(logging.INFO, logger="grape_ds.data.packing"):
+            waited = prepare_data(cfg, local_rank=1)
     finally:
         builder.join()
     assert waited.num_windows("web", "train") > 0 and (waited.root / "manifest.json").is_file()
+    assert time.monotonic() - start > 0.3 + 0.6  # it outwaited the grace: 3+ shards of 0.2 s
+    assert f"still waiting for {waited.root}" in caplog.text and f"process id {os.getpid()}" in caplog.text
 
 
 def test_pretokenised_ids_pass_through(tmp_path):

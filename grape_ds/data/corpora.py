@@ -183,9 +183,20 @@ def _climblab_files(src: SourceConfig) -> list[Path]:
 def _iter_climblab(src: SourceConfig) -> Iterator[list[int]]:
     cluster = _climblab_cluster(src)
     if src.path:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
         for path in _climblab_files(src):
-            for row in iter_parquet_rows(path, ["tokens"]):
-                yield row["tokens"]
+            schema = pq.ParquetFile(path).schema_arrow  # a missing column is named by iter_parquet_rows
+            kind = schema.field("tokens").type if "tokens" in schema.names else None
+            if kind is not None and not ((pa.types.is_list(kind) or pa.types.is_large_list(kind))
+                                         and pa.types.is_integer(kind.value_type)):
+                raise ValueError(f"{path}: column 'tokens' is {kind}, not a list of integer token ids")
+            for number, row in enumerate(iter_parquet_rows(path, ["tokens"])):
+                tokens = row["tokens"]
+                if tokens is None or None in tokens:
+                    raise ValueError(f"{path}, row {number}: 'tokens' is null or holds a null, not a list of "
+                                     "integer token ids")
+                yield tokens
         return
     advice = _hub_advice(src, f"cluster_{cluster}/*", _CLIMBLAB_LAYOUT)
     hub_id = src.hub_id or CLIMBLAB_ID

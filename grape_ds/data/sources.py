@@ -231,8 +231,12 @@ def _check_value(value: Any, field: str, where: str) -> Document:
     if isinstance(value, str):
         check_text(value, f"{where}: field {field!r}")
         return value
-    if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value[:8]):
-        return value
+    if isinstance(value, list):
+        bad = next((i for i, v in enumerate(value) if not isinstance(v, int) or isinstance(v, bool)), None)
+        if bad is None:
+            return value
+        raise ValueError(f"{where}: field {field!r} is a list of token ids whose item {bad} is "
+                         f"{value[bad]!r} ({type(value[bad]).__name__}), not an integer")
     raise ValueError(f"{where}: field {field!r} holds {type(value).__name__}, "
                      "expected text or a list of token ids")
 
