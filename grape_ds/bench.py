@@ -26,10 +26,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -37,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from transformers import GPT2LMHeadModel
 
@@ -583,6 +586,121 @@ def bench_throughput(config: str, model: str, precision: str, steps: int, repeat
 
 # ----------------------------------------------------------------------------------------------
 
+# ----------------------------------------------------------------------------------------------
+# Data preparation
+# ----------------------------------------------------------------------------------------------
+
+def write_text_corpus(folder: Path, n_chars: int, seed: int = 0, file_chars: int = 1 << 23) -> int:
+    """Write about ``n_chars`` characters of synthetic text as JSONL files of ``file_chars`` each
+    (documents of 50-400 words drawn Zipf-like from 4096 made-up words), in bounded memory.
+    Returns the number of documents."""
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    words = ["".join(rng.choice(letters, size=int(rng.integers(2, 10)))) for _ in range(4096)]
+    weights = 1.0 / np.arange(1, len(words) + 1)
+    weights /= weights.sum()
+    folder.mkdir(parents=True, exist_ok=True)
+    written = docs = part = 0
+    while written < n_chars:
+        with open(folder / f"part-{part:05d}.jsonl", "w") as f:
+            in_file = 0
+            while in_file < file_chars and written < n_chars:
+                text = " ".join(words[i] for i in rng.choice(len(words), size=int(rng.integers(50, 400)), p=weights))
+                f.write(json.dumps({"text": text}) + "\n")
+                in_file, written, docs = in_file + len(text), written + len(text), docs + 1
+        part += 1
+    return docs
+
+
+def _run_sampling_memory(cmd: list[str], env: dict) -> tuple[str, int]:
+    """Run ``cmd``; returns its output and the peak of the summed resident memory of it and every
+    process below it (sampled every 50 ms)."""
+    import psutil
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    peak, chunks = 0, []
+    reader = threading.Thread(target=lambda: chunks.append(proc.stdout.read()), daemon=True)
+    reader.start()
+    root = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        total = 0
+        try:
+            for p in [root, *root.children(recursive=True)]:
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+        except psutil.Error:
+            pass
+        peak = max(peak, total)
+        time.sleep(0.05)
+    reader.join()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed (exit {proc.returncode}):\n{''.join(chunks)[-3000:]}")
+    return "".join(chunks), peak
+
+
+_BASELINE = """
+import json, sys, time
+from datasets import load_dataset
+from transformers import PreTrainedTokenizerFast
+files, tok_dir, num_proc, cache = json.loads(sys.argv[1])
+tok = PreTrainedTokenizerFast.from_pretrained(tok_dir)
+start = time.perf_counter()
+ds = load_dataset("json", data_files=files, split="train", cache_dir=cache)
+ids = ds.map(lambda b: {"n": [len(x) + 1 for x in tok(b["text"], add_special_tokens=False)["input_ids"]]},
+             batched=True, num_proc=num_proc, remove_columns=ds.column_names)
+print("BASELINE " + json.dumps({"tokens": int(sum(ids["n"])), "seconds": time.perf_counter() - start}))
+"""
+
+
+def bench_prepare(config: str, sizes: list[int], num_proc: int, out: Path, vocab_size: int = 8192) -> dict:
+    """``grape-ds prepare`` against a plain ``datasets.map(batched=True, num_proc=N)`` tokenisation of
+    the same JSONL text with the same tokenizer, at each corpus size (characters): tokens/s of both,
+    their ratio, the peak resident memory of each (all processes) and the packed bytes per token.
+    The tokenizer (a byte-level BPE trained on the first size's text) is named in the config, so no
+    training is timed; ``config`` gives every other section. Timings start after the interpreters'
+    imports."""
+    from grape_ds.data.tokenizer import train_bpe
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    results = {}
+    tok_dir = out / "tokenizer"
+    for n_chars in sizes:
+        corpus = out / f"corpus-{n_chars}"
+        docs = write_text_corpus(corpus, n_chars)
+        if not tok_dir.exists():
+            sample = (json.loads(line)["text"] for line in open(next(iter(sorted(corpus.glob("*.jsonl"))))))
+            train_bpe(sample, vocab_size).save_pretrained(str(tok_dir))
+        files = sorted(str(p) for p in corpus.glob("*.jsonl"))
+        cfg = out / f"prepare-{n_chars}.yaml"
+        base = yaml.safe_load(Path(config).read_text())
+        base["data"] = {"cache_dir": str(out / f"cache-{n_chars}"), "seq_len": 128,
+                        "tokenizer": {"name": str(tok_dir)},
+                        "domains": [{"name": "text", "source": {"type": "jsonl", "path": str(corpus)}}],
+                        "tasks": [{"name": "held", "source": {"type": "jsonl", "path": files[0]}}]}
+        cfg.write_text(yaml.safe_dump(base, sort_keys=False))
+        text, ours_peak = _run_sampling_memory(
+            [sys.executable, "-m", "grape_ds", "prepare", str(cfg), "--num-proc", str(num_proc)], env)
+        manifest_path = next((out / f"cache-{n_chars}" / "packed").glob("[!.]*/manifest.json"))
+        manifest = json.loads(manifest_path.read_text())
+        seconds = float(re.search(r"\(([0-9.]+) s\)", text).group(1))
+        text_tokens = manifest["units"]["text"]["tokens"]
+        all_tokens = sum(u["tokens"] for u in manifest["units"].values())
+        packed = sum(p.stat().st_size for p in manifest_path.parent.glob("*.bin"))
+        base_out, base_peak = _run_sampling_memory(
+            [sys.executable, "-c", _BASELINE, json.dumps([files, str(tok_dir), num_proc, str(out / "hf-cache")])],
+            env)
+        baseline = json.loads(base_out.split("BASELINE ", 1)[1].splitlines()[0])
+        assert baseline["tokens"] == text_tokens, (baseline["tokens"], text_tokens)  # the same work
+        ours_tps = all_tokens / seconds
+        results[str(n_chars)] = {
+            "chars": n_chars, "documents": docs, "tokens": text_tokens,
+            "prepare_tokens_per_sec": round(ours_tps), "baseline_tokens_per_sec": round(baseline["tokens"] / baseline["seconds"]),
+            "ratio": round(ours_tps / (baseline["tokens"] / baseline["seconds"]), 3),
+            "prepare_peak_rss_bytes": ours_peak, "baseline_peak_rss_bytes": base_peak,
+            "bytes_per_token": round(packed / sum(u["packed_tokens"] for u in manifest["units"].values()), 3)}
+    return {"num_proc": num_proc, "sizes": results}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="grape-ds bench", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="part", required=True)
@@ -614,12 +732,17 @@ def main(argv=None) -> int:
                     help="the device's peak TFLOP/s at this precision (default: a table of known GPUs)")
     th.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for every run, after the model size's")
+    pr = sub.add_parser("prepare", help="grape-ds prepare vs datasets.map tokenisation: tokens/s, memory")
+    pr.add_argument("--chars", type=int, nargs="+", default=[50_000_000, 200_000_000],
+                    help="corpus sizes in characters (one preparation each)")
+    pr.add_argument("--num-proc", type=int, default=2)
+    pr.add_argument("--config", default="yaml_configs/demo.yaml", help="every section but data")
     pln = sub.add_parser("_plain", help=argparse.SUPPRESS)  # one plain-PyTorch run, for throughput
     pln.add_argument("--config", required=True)
     pln.add_argument("--precision", choices=sorted(PRECISIONS), required=True)
     pln.add_argument("--result", required=True)
     pln.add_argument("--set", dest="overrides", action="append", default=[])
-    for sp in (o, pl, th):
+    for sp in (o, pl, th, pr):
         sp.add_argument("--out", default=None, help="where the runs go (default: a temporary folder)")
     args = p.parse_args(argv)
     if args.part == "_plain":
@@ -633,6 +756,8 @@ def main(argv=None) -> int:
             peak = args.peak_tflops * 1e12 if args.peak_tflops else None
             fig = bench_throughput(args.config, args.model, args.precision, args.steps, args.repeats,
                                    args.periods, args.world_size, peak, out, args.overrides)
+        elif args.part == "prepare":
+            fig = bench_prepare(args.config, args.chars, args.num_proc, out)
         elif args.part == "fidelity":
             fig = bench_fidelity(args.config, args.overrides, args.rounds, args.steps_between, args.report)
         else:
