@@ -183,3 +183,25 @@ def test_an_allocation_made_with_ntasks_gets_its_ranks_per_node_derived_or_named
         text = (tmp_path / f"ntasks{ntasks}.out").read_text()
         assert want.format(job=job_id) in text, text[-2000:]
         assert job["ExitCode"] == ("0:0" if ntasks == 2 else "2:0") and "run inside a SLURM allocation" not in text
+
+
+def test_the_prepare_job_packs_the_data_that_training_then_finds(slurm, tmp_path):
+    """Step 1 of the two-step flow: launchers/slurm_prepare.sbatch (one task, --num-proc = its CPUs)
+    packs the demo's data into a fresh cache; the same data settings then find it complete (step 2,
+    training on it, is every other test here: they train on a prepared cache)."""
+    env, base = slurm
+    cache = tmp_path / "cache"
+    out = subprocess.run(["sbatch", "--parsable", "--cpus-per-task=2", f"--output={tmp_path}/prepare-%j.out",
+                          str(REPO / "launchers" / "slurm_prepare.sbatch")], cwd=REPO, capture_output=True,
+                         text=True, timeout=60, env={**env, "PYTHON": sys.executable, "SETS": f"data.cache_dir={cache}"})
+    assert out.returncode == 0, out.stderr
+    job_id = int(out.stdout.strip().split(";")[0])
+    job = _wait(env, job_id, timeout=300)
+    log = (tmp_path / f"prepare-{job_id}.out").read_text()
+    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
+    assert "holds 9 units" in log
+    (manifest,) = (cache / "packed").glob("*/manifest.json")
+    from grape_ds.config import load_config
+    from grape_ds.data import prepare_data
+    assert prepare_data(load_config(REPO / "yaml_configs" / "demo.yaml",
+                                    [f"data.cache_dir={cache}"]).data).root == manifest.parent
