@@ -33,7 +33,9 @@ def _docs(seed: int, n: int) -> list[str]:
 
 
 def _jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    """One line per row: a dict as JSON, a str as it is, bytes written raw."""
+    path.write_bytes(b"".join((r if isinstance(r, bytes) else (r if isinstance(r, str) else json.dumps(r)).encode())
+                              + b"\n" for r in rows))
     return path
 
 
@@ -138,13 +140,14 @@ def test_training_ranks_wait_for_a_preparation_under_way_then_train_on_it(tmp_pa
     # records are read and checked in the preparing process, with tokenising processes running
     (['{"text": "fine"}', '{"text": "bad \\ud800 text"}'], 2, ["domain 'd'", "d.jsonl:2", "not valid Unicode"]),
     (['{"text": "fine"}', "{oops"], 2, ["domain 'd'", "d.jsonl:2: not valid JSON"]),
+    ([b'{"text": "caf\xe9"}'], 2, ["domain 'd'", "d.jsonl: not UTF-8"]),
     (['{"text": [1, 2, 3]}'] * 3 + ['{"text": [4, 5, "6"]}'], 1,
      ["domain 'd'", "d.jsonl:4", "item 2 is '6' (str), not an integer"]),
 ])
 def test_bad_records_are_named_during_preparation(tmp_path, rows, num_proc, said):
     good = _jsonl(tmp_path / "good.jsonl", [{"text": d} for d in _docs(3, 40)])
     path = _jsonl(tmp_path / "d.jsonl", rows)
-    tok = {"name": str(_gpt2ish(tmp_path))} if "[1, 2, 3]" in rows[0] else {"vocab_size": 300}
+    tok = {"name": str(_gpt2ish(tmp_path))} if "[1, 2, 3]" in str(rows[0]) else {"vocab_size": 300}
     cfg = DataConfig(cache_dir=str(tmp_path / "cache"), seq_len=8, val_fraction=0.1,
                      tokenizer=TokenizerConfig(**tok),
                      domains=[UnitConfig(name="g", source=SourceConfig(type="jsonl", path=str(good))),
