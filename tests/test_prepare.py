@@ -63,6 +63,20 @@ def _prepare(config: Path, cache: Path, *extra: str, env: dict | None = None, wa
                           timeout=300)
 
 
+def _crash(proc: subprocess.Popen) -> None:
+    """SIGKILL the preparing process and its tokenising processes, as a crash or the OOM killer would.
+    multiprocessing's resource tracker is left to outlive them, as it does then: it removes the
+    semaphores the dead processes held (killing it too would leave them in /dev/shm)."""
+    import psutil
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    tracker = [p for p in tree if "resource_tracker" in " ".join(p.cmdline())]
+    for p in tree:
+        if p not in tracker:
+            p.send_signal(signal.SIGKILL)
+    proc.wait()
+    psutil.wait_procs(tracker, timeout=30)
+
+
 def _journal(cache: Path) -> list[dict]:
     found = list((cache / "packed").glob(f".*.prepare/{packing.SHARD_JOURNAL}"))
     return [json.loads(line) for line in found[0].read_text().splitlines()] if found else []
@@ -78,6 +92,7 @@ def _packed(cache: Path) -> Path:
 
 
 def test_a_killed_preparation_resumes_to_the_uninterrupted_result_without_tokenising_finished_shards(tmp_path):
+    semaphores = set(Path("/dev/shm").glob("sem.mp-*"))
     config = _experiment(tmp_path, tmp_path / "unused")
     whole = _prepare(config, tmp_path / "whole", "--num-proc", "1")  # the cut one below uses 2
     assert whole.returncode == 0, whole.stdout + whole.stderr
@@ -88,8 +103,7 @@ def test_a_killed_preparation_resumes_to_the_uninterrupted_result_without_tokeni
     while sum(e["unit"] == "big" for e in _journal(tmp_path / "cut")) < 3:
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the preparing process and its tokenising processes
-    proc.wait()
+    _crash(proc)
     before = _journal(tmp_path / "cut")
     kept = sum(e["unit"] == "big" for e in before)
     assert 3 <= kept < 12 and not list((tmp_path / "cut" / "packed").glob("[!.]*"))  # nothing complete yet
@@ -106,6 +120,7 @@ def test_a_killed_preparation_resumes_to_the_uninterrupted_result_without_tokeni
     # byte for byte, whatever the interruption or the number of tokenising processes
     assert _tree(_packed(tmp_path / "cut")) == _tree(_packed(tmp_path / "whole"))
     assert not list((tmp_path / "cut" / "packed").glob(".*.partial"))
+    assert set(Path("/dev/shm").glob("sem.mp-*")) <= semaphores  # the crash left none behind
 
     # prepared: the same command returns at once
     done = _prepare(config, tmp_path / "cut", "--num-proc", "1")
