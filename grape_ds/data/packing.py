@@ -663,14 +663,15 @@ def _pack_unit(unit: _Unit, docs: Iterator[Document], pool: _Tokenisers, dtype: 
     with contextlib.closing(_closable(docs)) as stream, \
             tqdm(total=cap, initial=n_tokens, unit="tok", unit_scale=True, desc=f"packing {unit.name}") as bar:
         if not capped:
-            skipped = sum(1 for _ in itertools.islice(stream, sum(r["docs_read"] for r in done)))
-            if skipped != sum(r["docs_read"] for r in done):
+            read_before = sum(r["docs_read"] for r in done)
+            skipped = sum(1 for _ in itertools.islice(stream, read_before))
+            if skipped != read_before:
                 raise RuntimeError(f"unit {unit.name!r}: its source now holds fewer documents than the "
                                    f"shards packed before this start ({skipped}); delete {folder} and prepare again")
             delay = float(os.environ.get(SHARD_DELAY_ENV, "0") or 0)
             left = (lambda: cap - n_tokens) if cap is not None else (lambda: None)
-            for k, batch in enumerate(_run_shards(stream, shard_docs, left, pool, unit, folder, stem, dtype),
-                                      start=len(done)):
+            for k, batch in enumerate(_run_shards(stream, shard_docs, left, pool, unit, folder, stem, dtype,
+                                                  first=len(done)), start=len(done)):
                 docs_read, lengths = batch
                 tokens = int(sum(lengths))
                 record = {"docs_read": docs_read, "tokens": tokens, "docs": len(lengths)}
@@ -693,12 +694,12 @@ def _pack_unit(unit: _Unit, docs: Iterator[Document], pool: _Tokenisers, dtype: 
 
 
 def _run_shards(stream: Iterator[Document], shard_docs: int, left: Callable[[], int | None], pool: _Tokenisers,
-                unit: _Unit, folder: Path, stem: str, dtype: np.dtype) -> Iterator[tuple[int, list[int]]]:
+                unit: _Unit, folder: Path, stem: str, dtype: np.dtype, first: int) -> Iterator[tuple[int, list[int]]]:
     """Cut ``stream`` into shards of ``shard_docs`` documents and tokenise them in order; yields
     ``(documents read, lengths)`` per shard once its file is written. In this process: batch by batch,
     and a shard ends early once it holds the ``left()`` tokens the cap still allows, so a capped unit
-    reads no further. With tokenising processes: at most ``2 x num_proc`` shards in flight."""
-    first = _first_shard_index(folder, stem)
+    reads no further. With tokenising processes: at most ``2 x num_proc`` shards in flight. ``first``:
+    the index of the first shard to write (those before it are complete)."""
     if pool.pool is None:
         for k in itertools.count(first):
             path, lengths, read, budget = _shard_path(folder, stem, k), [], 0, left()
@@ -739,13 +740,6 @@ def _run_shards(stream: Iterator[Document], shard_docs: int, left: Callable[[], 
                 except Exception:  # noqa: BLE001 - its error, if any, is not the one being raised
                     pass
             _shard_path(folder, stem, k).unlink(missing_ok=True)
-
-
-def _first_shard_index(folder: Path, stem: str) -> int:
-    k = 0
-    while _shard_path(folder, stem, k).with_suffix(".json").is_file():
-        k += 1
-    return k
 
 
 def _join_shards(unit: _Unit, folder: Path, stem: str, dtype: np.dtype, shards: list[dict], seq_len: int,
