@@ -24,6 +24,7 @@ Four parts; each prints a table and, as its last line, one JSON object with its 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -45,12 +46,15 @@ from transformers import GPT2LMHeadModel
 
 from grape_ds import devices
 from grape_ds.config import Config, load_config
-from grape_ds.controller import MixtureController, RoundStats
+from grape_ds.controller import UPDATES_TASKS, MixtureController, RoundStats, mixture_batch_rows
 from grape_ds.data import MixtureSampler, ground_truth, prepare_data
+from grape_ds.data.rounds import TARGET_MIXTURE, TRAIN_MIXTURE, mixture_batches, unit_batches
 from grape_ds.data.sampler import probe_windows
 from grape_ds.distributed import free_port
+from grape_ds.launch import train_command
 from grape_ds.model import build_model, gpt2_config
-from grape_ds.probe import GradientProbe
+from grape_ds.probe import GradientProbe, Reduced
+from grape_ds.rundir import RunPaths, read_jsonl
 from grape_ds.schedules import lr_multiplier_fn
 
 __all__ = ["main", "launch_run"]
@@ -70,16 +74,12 @@ def launch_run(config: str, overrides: list[str], world_size: int = 2, timeout_s
     deepspeed.launcher.runner`` with this interpreter, so it works where no ``deepspeed`` script is
     on the PATH (packages installed with ``pip --target``). ``launcher=False`` runs one rank as a
     plain process (a 1-process group; the launcher's own start-up, seconds, is left out)."""
-    if launcher:
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world_size),
-               "--master_port", str(free_port()), "--module", "grape_ds.train"]
-    elif world_size == 1:
-        cmd = [sys.executable, "-m", "grape_ds.train"]
-    else:
+    if not launcher and world_size != 1:
         raise ValueError("launcher=False runs a single rank")
-    cmd += ["--config", config, *(["--no-resume"] if fresh else []), *args]
-    for o in ["logging.progress=false", *overrides]:
-        cmd += ["--set", o]
+    runner = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world_size),
+              "--master_port", str(free_port())]
+    cmd = train_command(config, ["logging.progress=false", *overrides], [*(["--no-resume"] if fresh else []), *args],
+                        launcher=runner if launcher else None)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
@@ -100,7 +100,7 @@ def launch_run(config: str, overrides: list[str], world_size: int = 2, timeout_s
 
 def _throughput(run_dir: Path, skip: int) -> float:
     """Training tokens/s after the first ``skip`` steps (start-up and compilation excluded)."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_jsonl(RunPaths(run_dir).metrics)
     a, b = rows[skip - 1], rows[-1]
     return (b["tokens"] - a["tokens"]) / (b["time"] - a["time"])
 
@@ -120,8 +120,7 @@ def _single_process_env() -> None:
 def _unit_batch(data, cfg: Config, name: str, u: int, step: int, size: int) -> torch.Tensor:
     windows = probe_windows(data.num_windows(name, "train"), size, seed=cfg.train.seed, rank=0,
                             step=step, unit=u)
-    w = data.windows(name, "train")
-    return torch.from_numpy(np.stack([w[i] for i in windows]).astype(np.int64))
+    return data.batch(name, windows)
 
 
 def _probe_offline(model, probes: list[GradientProbe], batches) -> None:
@@ -136,8 +135,8 @@ def _probe_offline(model, probes: list[GradientProbe], batches) -> None:
             p.record(u, loss.item(), len(x))
 
 
-def _stats(probe: GradientProbe, proj, losses, seqs, k: int, e: int, c: int) -> RoundStats:
-    return RoundStats(losses.double().numpy(), probe.gram(proj).numpy(), seqs.numpy(), k, e, c)
+def _stats(reduced: Reduced, k: int, e: int, c: int) -> RoundStats:
+    return RoundStats(*reduced.host(), k, e, c)
 
 
 def _offline_round(cfg: Config, data, model, probes: list[GradientProbe], ctl: MixtureController,
@@ -146,28 +145,22 @@ def _offline_round(cfg: Config, data, model, probes: list[GradientProbe], ctl: M
     ``units``, the research form's train-mixture batches (from ``ctl``'s alpha) and target-mixture
     batches (from the z the task update gives, after a first reduction). Every probe sees the same
     batches; returns each probe's statistics."""
-    from grape_ds.controller import UPDATES_TASKS
-    from grape_ds.data.sampler import TARGET_MIXTURE, TRAIN_MIXTURE
-    from grape_ds.train import mixture_batch_rows, mixture_batches, unit_batches
-
     k, n = len(data.domains), len(data.tasks)
-    e, c = mixture_batch_rows(cfg)
-    batches = unit_batches(data, cfg, 0, step, units)
-    batches += mixture_batches(data, cfg, 0, step, TRAIN_MIXTURE, ctl.alpha, k + n, e)
+    e, c = mixture_batch_rows(cfg.mixture, cfg.probe)
+    draw = {"seed": cfg.train.seed, "rank": 0, "step": step}
+    size = cfg.probe.mixture_batch_size or cfg.train.micro_batch_size
+    batches = unit_batches(data, units, cfg.probe.batch_size, **draw)
+    batches += mixture_batches(data, TRAIN_MIXTURE, ctl.alpha, k + n, e, size, **draw)
     two_phase = c > 0 and ctl.method in UPDATES_TASKS
     if c and not two_phase:
-        batches += mixture_batches(data, cfg, 0, step, TARGET_MIXTURE, ctl.z, k + n + e, c)
+        batches += mixture_batches(data, TARGET_MIXTURE, ctl.z, k + n + e, c, size, **draw)
     _probe_offline(model, probes, batches)
     if not two_phase:
-        return [_stats(p, *p.reduce(), k, e, c) for p in probes]
+        return [_stats(p.reduce(), k, e, c) for p in probes]
     first = [p.reduce(slice(0, k + n + e)) for p in probes]
-    z_next = ctl.preview_z(_stats(probes[0], *first[0], k, e, 0))
-    _probe_offline(model, probes, mixture_batches(data, cfg, 0, step, TARGET_MIXTURE, z_next, k + n + e, c))
-    out = []
-    for p, part in zip(probes, first):
-        rest = p.reduce(slice(k + n + e, None))
-        out.append(_stats(p, *(torch.cat(pair) for pair in zip(part, rest)), k, e, c))
-    return out
+    z_next = ctl.preview_z(_stats(first[0], k, e, 0))
+    _probe_offline(model, probes, mixture_batches(data, TARGET_MIXTURE, z_next, k + n + e, c, size, **draw))
+    return [_stats(part.cat(p.reduce(slice(k + n + e, None))), k, e, c) for p, part in zip(probes, first)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,18 +169,17 @@ def _offline_round(cfg: Config, data, model, probes: list[GradientProbe], ctl: M
 
 def _round_costs(cfg: Config, repeats: int = 5) -> dict:
     """Seconds per round, ours vs reference-style, on one process with the config's model."""
-    from grape_ds.train import _method_params, mixture_batch_rows
-
     _single_process_env()
     torch.set_num_threads(1)
     data = prepare_data(cfg.data)
     model = build_model(cfg.model, data.vocab_size, data.eot_id, seed=cfg.train.seed)
     k, n = len(data.domains), len(data.tasks)
-    rows = k + n + sum(mixture_batch_rows(cfg))
-    probe = GradientProbe(model, rows, cfg.probe.estimator, cfg.probe.dim, cfg.probe.seed)
+    rows = k + n + sum(mixture_batch_rows(cfg.mixture, cfg.probe))
+    probe = GradientProbe.from_config(model, rows, cfg.probe)
     params = probe.params
     b, mb, b_r, tau = cfg.probe.batch_size, cfg.train.micro_batch_size, 2, cfg.mixture.unit_clip or 1.0
-    ctl = MixtureController("grape", data.domains, data.tasks, params=_method_params(cfg))
+    grape = dataclasses.replace(cfg.mixture, method="grape", weights=None, task_weights=None)
+    ctl = MixtureController.from_config(grape, data.domains, data.tasks)
     units = list(range(k, k + n)) if cfg.probe.domains == "inband" else list(range(k + n))
 
     def ours(step):  # in-band domains come from the training micro-batches (timed below)
@@ -284,21 +276,18 @@ def bench_fidelity(config: str, overrides: list[str], rounds: int, steps_between
     run. Every probe batch is seen by the three; each estimator drives its own controller (the
     batches are drawn from the exact one's weights). The model trains between rounds on a uniform
     mixture, so the gradients change."""
-    from grape_ds.train import _method_params, mixture_batch_rows
-
     _single_process_env()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     cfg = load_config(config, ["mixture.method=grape", *overrides], world_size=1)
     data = prepare_data(cfg.data)
     model = build_model(cfg.model, data.vocab_size, data.eot_id, seed=cfg.train.seed)
     k, n = len(data.domains), len(data.tasks)
-    rows = k + n + sum(mixture_batch_rows(cfg))
+    rows = k + n + sum(mixture_batch_rows(cfg.mixture, cfg.probe))
     names = ("exact", "fresh", "fixed")
-    probes = [GradientProbe(model, rows, "exact"),
-              GradientProbe(model, rows, "sketch", cfg.probe.dim, cfg.probe.seed),
-              GradientProbe(model, rows, "sketch", cfg.probe.dim, cfg.probe.seed)]
-    ctl = {name: MixtureController("grape", data.domains, data.tasks, cfg.mixture.weights,
-                                   cfg.mixture.task_weights, _method_params(cfg)) for name in names}
+    sketch = dataclasses.replace(cfg.probe, estimator="sketch")
+    probes = [GradientProbe(model, rows, "exact"), GradientProbe.from_config(model, rows, sketch),
+              GradientProbe.from_config(model, rows, sketch)]
+    ctl = {name: MixtureController.from_config(cfg.mixture, data.domains, data.tasks) for name in names}
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
     rng = np.random.default_rng(cfg.train.seed)
     table, fig = [], {"sketch_dim": cfg.probe.dim, "rounds": rounds, "form": cfg.mixture.form}
@@ -361,7 +350,7 @@ def bench_planted(config: str, overrides: list[str], out: Path) -> dict:
         if method == "static":
             sets.append("mixture.every=0")
         run = launch_run(config, sets)
-        f = planted_figures(json.loads((run / "mixture.json").read_text()), truth)
+        f = planted_figures(json.loads(RunPaths(run).mixture.read_text()), truth)
         fig[method] = f
         rows.append([method, f["relevant_share"], f["relevant_over_uniform"], f["top_task"], f["top_task_avg"],
                      " ".join(f"{a:.3f}" for a in f["alpha"]), " ".join(f"{v:.3f}" for v in f["z"]),
@@ -482,7 +471,7 @@ def plain_loop(config: str, overrides: list[str], precision: str, out: Path) -> 
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     clip = float(cfg.ds_config.get("gradient_clipping", 0.0))
     sampler = MixtureSampler([data.num_windows(d, "train") for d in data.domains], [1.0] * len(data.domains),
-                             seed=t.seed, rank=0, world_size=1,
+                             seed=t.seed, rank=0,
                              micro_batch_size=t.micro_batch_size, mode=cfg.mixture.batch)
     gas = t.gradient_accumulation_steps
     times, tokens_per_step = [], t.micro_batch_size * gas * cfg.data.seq_len
@@ -557,7 +546,7 @@ def bench_throughput(config: str, model: str, precision: str, steps: int, repeat
                 run = launch_run(config, [*common, *sets, f"logging.run_name=throughput-{tag}"], world_size,
                                  launcher=world_size > 1)
                 figures[variant]["tps"].append(_throughput(run, skip=max(5, steps // 10)) / world_size)
-                mem = json.loads((run / "status.json").read_text())["peak_memory_bytes"]
+                mem = json.loads(RunPaths(run).status.read_text())["peak_memory_bytes"]
             figures[variant]["mem"].append(mem)
     result = {"model": model, "params": n_params, "precision": precision, "device": name,
               "world_size": world_size, "seq_len": size.seq_len,

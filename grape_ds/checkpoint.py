@@ -24,11 +24,18 @@ import sys
 import time
 from pathlib import Path
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
 import torch
 
+from grape_ds.config import CheckpointConfig
 from grape_ds.distributed import all_reduce_sum, barrier, get_rank, get_world_size
+from grape_ds.schedules import is_due
 
-__all__ = ["Checkpointer", "CheckpointError", "complete_checkpoints", "verify_checkpoint", "MARKER",
+__all__ = ["Checkpointer", "Stateful", "Restored", "saved_client_state", "consolidated_state_dict",
+           "CheckpointError", "complete_checkpoints", "verify_checkpoint", "MARKER",
            "checkpoint_world_size", "to_universal", "merged_rank_state", "UNIVERSAL_DIR"]
 
 UNIVERSAL_DIR = "universal"  # <checkpoints>/universal/<tag>: a checkpoint converted for another world size
@@ -155,27 +162,75 @@ def _is_disk_full(exc: BaseException, folder: Path) -> bool:
         return False
 
 
-class Checkpointer:
-    """Saves every ``every`` steps (and on demand), resumes from the newest loadable checkpoint."""
+class Stateful(Protocol):
+    """A part of the run whose state a checkpoint carries (PyTorch's ``state_dict`` protocol)."""
 
-    def __init__(self, ckpt_dir: Path, every: int, keep_last: int) -> None:
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass(frozen=True)
+class Restored:
+    """What :meth:`Checkpointer.load_latest` loaded: the checkpoint's step and the per-rank parts this
+    rank's file did not hold (left as they were built: a checkpoint of an older grape-ds, or one
+    converted from another number of ranks)."""
+    step: int
+    missing: frozenset[str]
+
+
+class Checkpointer:
+    """Saves every ``every`` steps (and on demand), resumes from the newest loadable checkpoint.
+
+    The checkpointer is given the run's stateful parts once and calls their ``state_dict`` /
+    ``load_state_dict`` itself, so save and load are symmetric: ``states`` are the same on every rank
+    (the loop, the sampler, the controller; rank 0's go into DeepSpeed's ``client_state``),
+    ``rank_states`` are each rank's own (the probe's unreduced sums, the sampler's realised counts,
+    the random generators; one ``rank<r>_state.pt`` per rank).
+
+    Args:
+        ckpt_dir: the run's checkpoint folder (``RunPaths.checkpoints``).
+        every: save after every this-many-th optimizer step (<= 0: only when asked).
+        keep_last: complete checkpoints kept; older ones are deleted.
+        engine: the DeepSpeed engine (model, ZeRO optimizer partitions, LR scheduler).
+        states / rank_states: name -> part; the names are the keys in the checkpoint.
+    """
+
+    def __init__(self, ckpt_dir: Path, every: int, keep_last: int, engine=None,
+                 states: Mapping[str, Stateful] | None = None,
+                 rank_states: Mapping[str, Stateful] | None = None) -> None:
         self.dir = Path(ckpt_dir)
         self.every, self.keep_last = every, keep_last
+        self.engine = engine
+        self.states, self.rank_states = dict(states or {}), dict(rank_states or {})
         self.last_saved: int | None = None
 
-    def due(self, step: int) -> bool:
-        return self.every > 0 and step % self.every == 0
+    @classmethod
+    def from_config(cls, cfg: CheckpointConfig, ckpt_dir: Path, engine, states: Mapping[str, Stateful],
+                    rank_states: Mapping[str, Stateful]) -> "Checkpointer":
+        """The ``checkpoint:`` section's checkpointer of ``engine`` and the parts it saves."""
+        return cls(ckpt_dir, cfg.every, cfg.keep_last, engine, states, rank_states)
 
-    def save(self, engine, step: int, client_state: dict, rank_state: dict | None = None) -> Path:
-        """Collective: every rank must call it at the same step."""
+    def due(self, step: int) -> bool:
+        return is_due(step, self.every)
+
+    def save(self, step: int) -> Path:
+        """Save every part at optimizer step ``step``. Collective: every rank must call it at the
+        same step.
+
+        Raises:
+            CheckpointError: the checkpoint could not be written (a full disk, a read-only folder).
+        """
         tag = _tag(step)
         path = self.dir / tag
         if get_rank() == 0 and path.exists():  # an incomplete leftover of a crashed attempt
             shutil.rmtree(path)
         barrier()
+        client_state = {name: part.state_dict() for name, part in self.states.items()}
+        rank_state = {name: part.state_dict() for name, part in self.rank_states.items()}
         try:
-            engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=True)
-            torch.save(rank_state or {}, path / f"rank{get_rank()}_state.pt")
+            self.engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=True)
+            torch.save(rank_state, path / f"rank{get_rank()}_state.pt")
         except Exception as exc:  # noqa: BLE001 - say what a full disk or a read-only folder is
             raise self._save_error(exc, step) from exc
         barrier()  # every rank's shard is on disk before the marker says so
@@ -188,7 +243,6 @@ class Checkpointer:
         barrier()
         self.last_saved = step
         return path
-
     def _save_error(self, exc: BaseException, step: int) -> CheckpointError:
         done = complete_checkpoints(self.dir)
         kept = (f"the newest complete checkpoint (step {done[-1][0]}) is intact and a resume starts from it"
@@ -209,16 +263,21 @@ class Checkpointer:
         for _, tag in done[: max(0, len(done) - self.keep_last)]:
             shutil.rmtree(self.dir / tag, ignore_errors=True)
 
-    def load_latest(self, engine, universal: tuple[int, str, int] | None = None) -> tuple[dict, dict] | None:
-        """Load the newest complete checkpoint every rank can read: (client state, this rank's
-        state), or None when there is no checkpoint.
+    def load_latest(self, universal: tuple[int, str, int] | None = None) -> Restored | None:
+        """Load the newest complete checkpoint every rank can read into the engine and every part:
+        what was loaded, or None when there is no checkpoint.
 
         Collective. A checkpoint that fails to load on any rank is reported and the previous one is
         tried, so all ranks always end on the same checkpoint. ``universal`` = ``(step, tag, old world
         size)``: load that checkpoint from its universal conversion (:func:`to_universal`; the engine
         was built with ``checkpoint.load_universal``) and merge the old ranks' own state
         (:func:`merged_rank_state`); it is the only candidate.
+
+        Raises:
+            CheckpointError: the universal conversion does not load.
+            RuntimeError: no complete checkpoint loads.
         """
+        engine = self.engine
         if universal is not None:
             step, tag, old_world = universal
             try:
@@ -226,13 +285,14 @@ class Checkpointer:
                                                          load_optimizer_states=True,
                                                          load_lr_scheduler_states=True)
                 rank_state = merged_rank_state(self.dir / tag, old_world, get_rank())
+                restored = self._load_parts(step, client_state, rank_state)
             except Exception as exc:  # noqa: BLE001 - no fallback across a change of world size
                 raise CheckpointError(f"loading {self.dir / UNIVERSAL_DIR / tag} (checkpoint {tag} of "
                                       f"{old_world} ranks, converted) failed: {type(exc).__name__}: {exc}") from exc
             self.last_saved = None  # not a checkpoint of this world size: the end of the run saves one
             log.info("resumed from checkpoint %s of %d ranks on %d ranks (DeepSpeed universal checkpoint)",
                      self.dir / tag, old_world, get_world_size())
-            return client_state, rank_state
+            return restored
         candidates = complete_checkpoints(self.dir)
         for step, tag in reversed(candidates):
             ok, client_state, rank_state, error = 1.0, None, {}, ""
@@ -253,10 +313,41 @@ class Checkpointer:
             if failed == 0:
                 self.last_saved = step
                 log.info("resumed from checkpoint %s", self.dir / tag)
-                return client_state, rank_state
+                return self._load_parts(step, client_state, rank_state)
             log.warning("checkpoint %s failed to load (%s); trying the previous one", self.dir / tag,
                         error or "another rank failed")
         if candidates:
             raise RuntimeError(f"no checkpoint under {self.dir} could be loaded; "
                                "start over with --no-resume or remove the folder")
         return None
+
+    def _load_parts(self, step: int, client_state: dict, rank_state: dict) -> Restored:
+        """Every part's ``load_state_dict`` from the checkpoint of ``step`` (every shared part must be
+        there; a per-rank part that is not is reported in :attr:`Restored.missing`)."""
+        for name, part in self.states.items():
+            part.load_state_dict(client_state[name])
+        missing = set()
+        for name, part in self.rank_states.items():
+            if name in rank_state:
+                part.load_state_dict(rank_state[name])
+            else:
+                missing.add(name)
+        return Restored(step, frozenset(missing))
+
+
+def saved_client_state(ckpt_dir: Path, tag: str) -> dict:
+    """The shared parts' states saved in checkpoint ``ckpt_dir/tag`` (name -> state, as
+    :meth:`Checkpointer.save` wrote them; DeepSpeed's own bookkeeping keys are there too, the module
+    weights are not), read from DeepSpeed's model-states file of rank 0 without building an engine."""
+    state = torch.load(Path(ckpt_dir) / tag / "mp_rank_00_model_states.pt", map_location="cpu",
+                       weights_only=False, mmap=True)
+    state.pop("module", None)
+    return state
+
+
+def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+    """The model's full fp32 ``state_dict`` from checkpoint ``ckpt_dir/tag``, merged from every rank's
+    ZeRO partition in this one process (no process group; :func:`grape_ds.engine.zero_fp32_state_dict`)."""
+    from grape_ds.engine import zero_fp32_state_dict  # imports deepspeed: only when weights are read
+
+    return zero_fp32_state_dict(Path(ckpt_dir), tag)

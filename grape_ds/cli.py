@@ -81,16 +81,21 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _ground_truth(args: argparse.Namespace) -> int:
+    """Print the planted corpus's ground truth for ``data.planted`` keys set by ``--set``; exit 2 with the
+    config error (the key named, as for an experiment's keys) on a mistake in them."""
     from dataclasses import asdict
 
-    from grape_ds.config import PlantedConfig
+    from grape_ds.config import PlantedConfig, section_from_overrides
     from grape_ds.data import ground_truth
-    cfg = PlantedConfig()
-    raw = asdict(cfg)
-    for item in args.overrides:
-        key, value = item.split("=", 1)
-        raw[key] = yaml.safe_load(value)
-    print(json.dumps(asdict(ground_truth(PlantedConfig(**raw))), indent=2))
+    try:
+        truth = ground_truth(section_from_overrides(PlantedConfig, args.overrides))
+    except ConfigError as exc:
+        print(f"grape-ds: config error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # a corpus the generator cannot build (e.g. too many domains for its letters)
+        print(f"grape-ds ground-truth: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(asdict(truth), indent=2))
     return 0
 
 
@@ -103,8 +108,9 @@ def _positive_int(text: str) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     """Evaluate one checkpoint of a run in this process; a JSON line to ``<run>/eval/eval_cli.jsonl``."""
-    from grape_ds.evaluation import Evaluator, append_jsonl, format_result, mc_items_for
-    from grape_ds.export import load_trained_run
+    from grape_ds.data import mc_items_for
+    from grape_ds.evaluation import Evaluator, format_result
+    from grape_ds.rundir import append_jsonl, load_trained_run
 
     run = load_trained_run(args.run_dir, args.step)
     ev = run.cfg.eval
@@ -113,11 +119,11 @@ def _eval(args: argparse.Namespace) -> int:
     max_items = args.max_items if args.max_items is not None else ev.max_items
     mc_items = mc_items_for(run.cfg.data, max_items)
     evaluator = Evaluator(run.data, every=0, batch_size=batch_size, max_windows=max_windows, rank=0,
-                          world_size=1, run_dir=run.run_dir, mc_items=mc_items)
+                          world_size=1, path=run.paths.eval_cli, mc_items=mc_items)
     result = evaluator.evaluate(run.model, run.step)
     result.update(checkpoint=run.tag, batch_size=batch_size, max_windows=max_windows, max_items=max_items,
                   time=time.time())
-    path = run.run_dir / "eval" / "eval_cli.jsonl"
+    path = run.paths.eval_cli
     append_jsonl(path, result)
     print(f"grape-ds eval: {run.run_dir}, checkpoint {run.tag} (step {run.step}), batch size {batch_size}, "
           f"max windows {max_windows if max_windows is not None else 'all'}")
@@ -141,7 +147,7 @@ def _export(args: argparse.Namespace) -> int:
 def _run_command(fn, args: argparse.Namespace) -> int:
     """Run ``eval`` / ``export``; a config or run-directory problem is one line on stderr, exit 2."""
     from grape_ds.distributed import setup_logging
-    from grape_ds.export import RunDirError
+    from grape_ds.rundir import RunDirError
 
     setup_logging()
     try:

@@ -42,8 +42,10 @@ from typing import Callable
 
 import numpy as np
 
+from grape_ds.config import MixtureConfig, ProbeConfig
+
 __all__ = ["MixtureController", "METHOD_FNS", "METHODS", "UPDATES_TASKS", "RoundStats", "MethodParams",
-           "Update", "softmax_step"]
+           "Update", "softmax_step", "mixture_batch_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,22 @@ class MethodParams:
     task_smoothing: float = 1e-3    # z <- (1 - s) z + s / N after each task update
     ema_beta: float = 0.9           # grape_ema's loss EMA
     floor: float = 1e-3             # alpha never goes below this
+
+    @classmethod
+    def from_config(cls, m: MixtureConfig) -> "MethodParams":
+        """The update rules' hyperparameters of the ``mixture:`` section (``unit_clip`` is ``tau``)."""
+        return cls(mu_domain=m.mu_domain, mu_task=m.mu_task, form=m.form, tau=m.unit_clip,
+                   task_smoothing=m.task_smoothing, ema_beta=m.ema_beta, floor=m.floor)
+
+
+def mixture_batch_rows(m: MixtureConfig, probe: ProbeConfig) -> tuple[int, int]:
+    """The research form's extra probe rows of a round: ``(train-mixture, target-mixture)`` batches
+    (``probe.mixture_batches`` each; ALGORITHMS.md §4.4). Only methods that move z need train-mixture
+    batches (the task update's train direction); static runs, rounds switched off and the alignment
+    form need none."""
+    if m.form != "research" or not m.adaptive:
+        return 0, 0
+    return (probe.mixture_batches if m.method in UPDATES_TASKS else 0), probe.mixture_batches
 
 
 @dataclass
@@ -258,6 +276,11 @@ def _normalise(w, n: int) -> np.ndarray:
 
 class MixtureController:
     """Holds alpha [K] and z [N] and applies the configured method once per round."""
+
+    @classmethod
+    def from_config(cls, m: MixtureConfig, domains: list[str], tasks: list[str]) -> "MixtureController":
+        """The ``mixture:`` section's controller (method, initial weights, hyperparameters)."""
+        return cls(m.method, domains, tasks, m.weights, m.task_weights, MethodParams.from_config(m))
 
     def __init__(self, method: str, domains: list[str], tasks: list[str], alpha0=None, z0=None,
                  params: MethodParams | None = None) -> None:

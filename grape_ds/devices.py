@@ -41,7 +41,7 @@ from torch.utils._pytree import tree_flatten
 
 __all__ = ["set_device", "current", "check_collective", "isolated_rng", "peak_memory_bytes",
            "reset_peak_memory", "use_deterministic_algorithms", "seed_training_rng", "rng_state",
-           "set_rng_state", "DeviceCheck", "DeviceMixError", "CHECK_ENV", "check_from_env"]
+           "set_rng_state", "TrainingRNG", "DeviceCheck", "DeviceMixError", "CHECK_ENV", "check_from_env"]
 
 CHECK_ENV = "GRAPE_DS_CHECK_DEVICES"
 
@@ -117,6 +117,20 @@ def set_rng_state(state: dict, device: torch.device | str) -> None:
     if device.type not in ("cpu", "meta") and device.type in state:
         module = getattr(torch, device.type)
         module.set_rng_state(state[device.type], device.index if device.index is not None else module.current_device())
+
+
+class TrainingRNG:
+    """The training generators of this rank as a checkpointable part (:func:`rng_state` /
+    :func:`set_rng_state` on ``device``), for :class:`grape_ds.checkpoint.Checkpointer`."""
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+
+    def state_dict(self) -> dict:
+        return rng_state(self.device)
+
+    def load_state_dict(self, state: dict) -> None:
+        set_rng_state(state, self.device)
 
 
 def use_deterministic_algorithms() -> None:

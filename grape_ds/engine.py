@@ -15,8 +15,10 @@ import datetime
 import importlib
 import logging
 import os
+import sys
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import deepspeed
 import torch
@@ -27,7 +29,7 @@ from grape_ds.config import Config
 from grape_ds.distributed import check_port_free, free_port
 from grape_ds.schedules import lr_multiplier_fn
 
-__all__ = ["init_distributed", "build_engine", "Precision", "precision"]
+__all__ = ["init_distributed", "build_engine", "Precision", "precision", "zero_fp32_state_dict"]
 
 log = logging.getLogger(__name__)
 
@@ -137,3 +139,13 @@ def precision(engine) -> Precision:
     """The engine's :class:`Precision`."""
     autocast = engine.torch_autocast_dtype() if engine.torch_autocast_enabled() else None
     return Precision(device_type=engine.device.type, autocast=autocast, loss_scaling=engine.fp16_enabled())
+
+
+def zero_fp32_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+    """The full fp32 state dict of the ZeRO checkpoint ``ckpt_dir/tag``, merged from every rank's
+    partition offline (``deepspeed.utils.zero_to_fp32``: one process, no process group). DeepSpeed's
+    progress lines go to stderr."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with contextlib.redirect_stdout(sys.stderr):
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)

@@ -34,27 +34,25 @@ all-reduce of a ``[tasks, 3]`` tensor (correct, correct_norm and count per task)
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from grape_ds.config import DataConfig
+from grape_ds.config import EvalConfig
 from grape_ds.distributed import all_reduce_sum, is_collective_failure
+from grape_ds.rundir import append_jsonl
+from grape_ds.schedules import is_due
 
-if TYPE_CHECKING:
-    from grape_ds.data.benchmarks import MCItem
-
-__all__ = ["Evaluator", "sweep_losses", "ChoiceRequest", "MCScore", "encode_pair", "prefix_token_id",
+__all__ = ["Evaluator", "sweep_losses", "MCQuestion", "ChoiceRequest", "MCScore", "encode_pair", "prefix_token_id",
            "choice_request", "context_length", "request_loglikelihoods", "choice_loglikelihoods",
-           "norm_length", "usable_items", "mc_predictions", "score_mc", "mc_items_for", "append_jsonl", "format_result",
+           "norm_length", "usable_items", "mc_predictions", "score_mc", "format_result",
            "PAD_MULTIPLE", "TARGET_DELIMITER"]
 
 log = logging.getLogger(__name__)
@@ -99,6 +97,20 @@ def sweep_losses(model: torch.nn.Module, windows_by_unit: dict[str, np.ndarray],
 # ----------------------------------------------------------------------------------------------
 # Multiple choice: requests
 # ----------------------------------------------------------------------------------------------
+
+class MCQuestion(Protocol):
+    """What scoring needs of a multiple-choice item (the data package's ``MCItem`` is one): each
+    choice is scored as the continuation of ``context``; ``gold`` indexes the right one."""
+
+    @property
+    def context(self) -> str: ...
+
+    @property
+    def choices(self) -> Sequence[str]: ...
+
+    @property
+    def gold(self) -> int: ...
+
 
 @dataclass(frozen=True)
 class ChoiceRequest:
@@ -211,7 +223,7 @@ def _continuation_logprob(logits: torch.Tensor, req: ChoiceRequest) -> torch.Ten
     return logprobs.gather(1, targets[:, None]).double().sum()
 
 
-def choice_loglikelihoods(model: torch.nn.Module, tokenizer, items: Sequence[MCItem],
+def choice_loglikelihoods(model: torch.nn.Module, tokenizer, items: Sequence[MCQuestion],
                           batch_size: int, forward_context=contextlib.nullcontext) -> list[np.ndarray]:
     """Per item, the summed log-likelihood of each choice (float64 ``[len(item.choices)]``)."""
     max_length = context_length(model)
@@ -222,8 +234,8 @@ def choice_loglikelihoods(model: torch.nn.Module, tokenizer, items: Sequence[MCI
     return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def usable_items(tokenizer, items_by_task: dict[str, Sequence[MCItem]], max_length: int
-                 ) -> tuple[dict[str, list[MCItem]], dict[str, list[dict]]]:
+def usable_items(tokenizer, items_by_task: dict[str, Sequence[MCQuestion]], max_length: int
+                 ) -> tuple[dict[str, list[MCQuestion]], dict[str, list[dict]]]:
     """Split each task's items into those whose every choice makes a scorable request and those that
     do not: ``(kept, skipped)``, ``skipped[task]`` a list of ``{"item": index, "error": message}``.
 
@@ -231,7 +243,7 @@ def usable_items(tokenizer, items_by_task: dict[str, Sequence[MCItem]], max_leng
     whitespace), or one longer than the model's context, cannot be scored; lm-evaluation-harness stops
     at such an item (``HFLM._loglikelihood_tokens`` asserts a non-empty continuation). Deterministic,
     so every rank keeps the same items without a collective."""
-    kept: dict[str, list[MCItem]] = {}
+    kept: dict[str, list[MCQuestion]] = {}
     skipped: dict[str, list[dict]] = {}
     for task, items in items_by_task.items():
         kept[task] = []
@@ -253,7 +265,7 @@ def norm_length(choice: str) -> int:
     return max(len(text), 1)
 
 
-def mc_predictions(item: MCItem, loglikelihoods: np.ndarray) -> tuple[int, int]:
+def mc_predictions(item: MCQuestion, loglikelihoods: np.ndarray) -> tuple[int, int]:
     """``(pred, pred_norm)``: the argmax of the sums, and of the sums over :func:`norm_length`."""
     lengths = np.array([norm_length(c) for c in item.choices], dtype=np.float64)
     return int(np.argmax(loglikelihoods)), int(np.argmax(loglikelihoods / lengths))
@@ -267,7 +279,7 @@ class MCScore:
     n: int
 
 
-def score_mc(model: torch.nn.Module, tokenizer, items_by_task: dict[str, Sequence[MCItem]], batch_size: int,
+def score_mc(model: torch.nn.Module, tokenizer, items_by_task: dict[str, Sequence[MCQuestion]], batch_size: int,
              rank: int = 0, world_size: int = 1, forward_context=contextlib.nullcontext) -> dict[str, MCScore]:
     """``acc`` and ``acc_norm`` per task. Collective: every rank calls it with the same tasks; each
     scores items ``rank, rank + world, ...``, and one all-reduce (on the model's device) adds up the
@@ -284,28 +296,9 @@ def score_mc(model: torch.nn.Module, tokenizer, items_by_task: dict[str, Sequenc
             for name, c in zip(items_by_task, total)}
 
 
-def mc_items_for(cfg: DataConfig, max_items: int | None) -> dict[str, list[MCItem]]:
-    """Multiple-choice items of every benchmark task whose benchmark is multiple choice (task name ->
-    at most ``max_items`` items of its evaluation split); empty when there is none."""
-    tasks = [t for t in cfg.tasks if t.source.type == "benchmark"]
-    if not tasks:
-        return {}
-    from grape_ds.data import benchmarks  # loads hub/local benchmark data only when a task needs it
-
-    return {t.name: benchmarks.load_items(t.source, limit=max_items) for t in tasks
-            if benchmarks.is_multiple_choice(t.source.benchmark)}
-
-
 # ----------------------------------------------------------------------------------------------
 # The evaluator and its output
 # ----------------------------------------------------------------------------------------------
-
-def append_jsonl(path: Path, row: dict) -> None:
-    """Append one JSON line to ``path`` (its folder is created)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        f.write(json.dumps(row) + "\n")
-
 
 class Evaluator:
     """The loss sweep over every unit and, for tasks with items, multiple-choice accuracy.
@@ -316,13 +309,22 @@ class Evaluator:
     manager) wraps every forward: the engine's autocast when DeepSpeed's ``torch_autocast`` is on.
     """
 
+    @classmethod
+    def from_config(cls, cfg: EvalConfig, data, rank: int, world_size: int, path: Path,
+                    mc_items: dict[str, list[MCQuestion]] | None = None,
+                    forward_context=contextlib.nullcontext) -> "Evaluator":
+        """The ``eval:`` section's evaluator (``every``, ``batch_size``, ``max_windows``) of ``data``,
+        appending its results to ``path`` (``RunPaths.eval``)."""
+        return cls(data, cfg.every, cfg.batch_size, cfg.max_windows, rank, world_size, path, mc_items,
+                   forward_context)
+
     def __init__(self, data, every: int, batch_size: int, max_windows: int | None, rank: int,
-                 world_size: int, run_dir: Path, mc_items: dict[str, list[MCItem]] | None = None,
+                 world_size: int, path: Path, mc_items: dict[str, list[MCQuestion]] | None = None,
                  forward_context=contextlib.nullcontext) -> None:
         self.data, self.every, self.batch_size, self.max_windows = data, every, batch_size, max_windows
         self.rank, self.world_size = rank, world_size
         self.forward_context = forward_context
-        self.path = Path(run_dir) / "eval" / "eval.jsonl"
+        self.path = Path(path)
         self.mc_items = {task: items for task, items in (mc_items or {}).items() if items}
         for task in sorted(set(mc_items or {}) - set(self.mc_items)):
             log.warning("task %s has no multiple-choice items; its accuracy is not evaluated", task)
@@ -330,7 +332,7 @@ class Evaluator:
         self.mc_skipped: dict[str, list[dict]] | None = None  # filled at the first scoring
 
     def due(self, step: int) -> bool:
-        return self.every > 0 and step % self.every == 0
+        return is_due(step, self.every)
 
     def evaluate(self, model: torch.nn.Module, step: int) -> dict:
         """The result row: per-unit losses (with average and worst) and, when there are items,

@@ -40,14 +40,16 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from grape_ds.distributed import LaunchError, check_port_free, is_local_address
+from grape_ds.rundir import RunPaths
 
 __all__ = ["LaunchError", "Host", "expand_nodelist", "read_hostfile", "hostfile_text", "check_hosts_reachable",
            "probe_hosts", "check_hosts", "deepspeed_env", "slurm_tasks_per_node", "slurm_master_port",
-           "run_status", "run_owning_ranks", "main"]
+           "run_status", "run_owning_ranks", "train_command", "TRAIN_MODULE", "main"]
 
 @dataclass(frozen=True)
 class Host:
@@ -360,7 +362,7 @@ def check_config(config: str, sets: list[str], world_size: int) -> None:
 
 def run_status(run_dir: Path) -> dict | None:
     """``<run>/status.json`` written by rank 0 when training ends: ``{"state": "finished"|"stopped", ...}``."""
-    path = Path(run_dir) / "status.json"
+    path = RunPaths(run_dir).status
     return json.loads(path.read_text()) if path.exists() else None
 
 
@@ -368,11 +370,20 @@ def run_status(run_dir: Path) -> dict | None:
 # Commands
 # ----------------------------------------------------------------------------------------------
 
-def _train_args(config: str, sets: list[str]) -> list[str]:
-    args = ["--module", "grape_ds.train", "--config", config]
-    for s in sets:
-        args += ["--set", s]
-    return args
+TRAIN_MODULE = "grape_ds.train"
+
+
+def train_command(config: str | os.PathLike, sets: Sequence[str] = (), args: Sequence[str] = (), *,
+                  launcher: Sequence[str] | None = None, python: str = sys.executable) -> list[str]:
+    """The one command line that trains ``config`` (with ``--set`` overrides ``sets`` and further
+    ``grape_ds.train`` arguments ``args``: ``--no-resume``, ``--stop-at N``, ``--local_rank=R``):
+    under a ``launcher`` (the DeepSpeed runner's argv, which then gets ``--module grape_ds.train``),
+    or, without one, one rank as ``python -u -m grape_ds.train`` (what SLURM's srun and DeepSpeed's
+    per-node launcher start). Used by ``grape-ds launch``, ``grape-ds bench`` and the tests."""
+    train = ["--config", str(config), *itertools.chain.from_iterable(("--set", s) for s in sets), *args]
+    if launcher is not None:
+        return [*launcher, "--module", TRAIN_MODULE, *train]
+    return [python, "-u", "-m", TRAIN_MODULE, *train]
 
 
 def deepspeed_command(hostfile: Path, hosts: list[Host], master_addr: str, master_port: int,
@@ -382,7 +393,7 @@ def deepspeed_command(hostfile: Path, hosts: list[Host], master_addr: str, maste
     if len(hosts) == 1:
         # one host: the launcher starts the ranks itself, no ssh (and no ssh check against it)
         cmd.append("--no_ssh_check")
-    return cmd + _train_args(config, sets)
+    return train_command(config, sets, launcher=cmd)
 
 
 def _deepspeed_bin() -> str:
@@ -430,7 +441,7 @@ def _multi_host_env(hosts: list[Host], env: dict[str, str], run_dir: Path) -> di
     if len(hosts) < 2:
         return None
     remote = deepspeed_env({**os.environ, **env})
-    env["DS_ENV_FILE"] = str(run_dir / "launch" / "deepspeed_env")
+    env["DS_ENV_FILE"] = str(RunPaths(run_dir).launch / "deepspeed_env")
     return remote
 
 
@@ -461,7 +472,7 @@ def launch_hostfile(args: argparse.Namespace) -> int:
     run_dir = _run_dir(args.config, args.sets, world)
     hostfile = Path(args.hostfile)
     if args.ranks_per_node:  # the launcher reads slots from the file: write the one we mean
-        hostfile = run_dir / "launch" / "hostfile"
+        hostfile = RunPaths(run_dir).launch / "hostfile"
     cmd = deepspeed_command(hostfile, hosts, master, args.master_port, args.config, args.sets)
     env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **socket_ifname_env(args.socket_ifname)}
     remote_env = _multi_host_env(hosts, env, run_dir)
@@ -508,7 +519,7 @@ def _ranks_by_host(hosts: list[Host], run_dir: Path, since: float) -> dict[str, 
     """``{host: [pid, ...]}`` of this launch's ranks, from ``<run>/ranks.json`` (written by rank 0 once
     every rank is up; one from an earlier launch, older than ``since``, is ignored). DeepSpeed gives
     ranks to hosts in hostfile order, ``slots`` each (``deepspeed/launcher/runner.py``, world_info)."""
-    path = Path(run_dir) / "ranks.json"
+    path = RunPaths(run_dir).ranks
     try:
         if path.stat().st_mtime < since:
             return {}
@@ -678,15 +689,14 @@ def launch_slurm(args: argparse.Namespace) -> int:
     master, port = hosts[0].name, args.master_port or slurm_master_port(job_id)
     check_config(args.config, args.sets, world)
     run_dir = _run_dir(args.config, args.sets, world)
-    logs = run_dir / "slurm"
+    logs = RunPaths(run_dir).slurm
     env = {"MASTER_ADDR": master, "MASTER_PORT": str(port),
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **socket_ifname_env(args.socket_ifname)}
     remote_env = None
     if args.mode == "srun":
         # one task per rank; each task's rank comes from SLURM's own variables
         rank_env = "RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS"
-        train = shlex.join([sys.executable, "-m", "grape_ds.train", "--config", args.config,
-                            *itertools.chain.from_iterable(("--set", s) for s in args.sets)])
+        train = shlex.join(train_command(args.config, args.sets))
         cmd = ["srun", "--kill-on-bad-exit=1", f"--nodes={len(hosts)}", f"--ntasks-per-node={per_node}",
                "--open-mode=append",  # a requeued job keeps the earlier attempts' logs
                f"--output={logs}/job%j-rank%t.log", "bash", "-c", f"export {rank_env}; exec {train}"]

@@ -2,19 +2,19 @@
 
 :func:`build_monitor` returns a :class:`Monitor` on rank 0 and a :class:`NullMonitor` elsewhere, so
 call sites never test the rank. All scalars of one vector (domain weights, realised shares, per-domain
-eval losses) share one chart through TensorBoard's custom-scalars layout. Every logged step also goes
-to ``<run>/metrics.jsonl`` so the curves can be read without TensorBoard.
+eval losses) share one chart through TensorBoard's custom-scalars layout. Every step also goes to
+``<run>/metrics.jsonl`` so the curves can be read without TensorBoard.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 from tqdm import tqdm
 
-__all__ = ["build_monitor", "Monitor", "NullMonitor", "read_metrics", "truncate_jsonl"]
+from grape_ds.rundir import RunPaths, append_jsonl, truncate_jsonl
+
+__all__ = ["build_monitor", "Monitor", "NullMonitor"]
 
 
 class NullMonitor:
@@ -33,9 +33,6 @@ class NullMonitor:
         pass
 
     def progress(self, step: int, **postfix) -> None:
-        pass
-
-    def message(self, text: str) -> None:
         pass
 
     def close(self) -> None:
@@ -67,16 +64,14 @@ def _layout(domains: list[str], tasks: list[str]) -> dict:
 class Monitor:
     """TensorBoard writer under ``<run>/tensorboard/``, metrics JSON lines, and a progress bar."""
 
-    def __init__(self, run_dir: Path, domains: list[str], tasks: list[str], total_steps: int,
+    def __init__(self, paths: RunPaths, domains: list[str], tasks: list[str], total_steps: int,
                  start_step: int = 0, progress: bool = True) -> None:
         from torch.utils.tensorboard import SummaryWriter
-        self.run_dir = Path(run_dir)
         # purge_step drops events a crashed attempt wrote past the checkpoint we resumed from.
-        self.writer = SummaryWriter(str(self.run_dir / "tensorboard"),
-                                    purge_step=start_step + 1 if start_step else None)
+        self.writer = SummaryWriter(str(paths.tensorboard), purge_step=start_step + 1 if start_step else None)
         if not start_step:
             self.writer.add_custom_scalars(_layout(domains, tasks))
-        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.metrics_path = paths.metrics
         truncate_jsonl(self.metrics_path, start_step)
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                         dynamic_ncols=True, disable=not progress)
@@ -91,17 +86,13 @@ class Monitor:
             self.writer.add_scalar(f"{prefix}/{name}", float(v), step)
 
     def record(self, step: int, row: dict) -> None:
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps({"step": step, **row}) + "\n")
+        append_jsonl(self.metrics_path, {"step": step, **row})
 
     def progress(self, step: int, **postfix) -> None:
         self.bar.n = step
         self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) and math.isfinite(v) else v)
                               for k, v in postfix.items()}, refresh=False)
         self.bar.refresh()
-
-    def message(self, text: str) -> None:
-        self.bar.write(text)
 
     def close(self) -> None:
         self.bar.close()
@@ -111,17 +102,3 @@ class Monitor:
 
 def build_monitor(rank: int, *args, **kwargs):
     return Monitor(*args, **kwargs) if rank == 0 else NullMonitor()
-
-
-def truncate_jsonl(path: Path, last_step: int) -> None:
-    """Keep only the rows with ``step <= last_step`` (a resumed run rewrites what came after)."""
-    if not path.exists():
-        return
-    rows = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= last_step]
-    path.write_text("".join(r + "\n" for r in rows))
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

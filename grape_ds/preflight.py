@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from grape_ds.config import Config, config_to_dict
-from grape_ds.rundir import (RunDirError, check_writable, live_holder, refused_message, resume_changes)
+from grape_ds.lockfile import live_holder
+from grape_ds.rundir import RunDirError, RunPaths, check_writable, refused_message, resume_changes
 
 __all__ = ["PreflightError", "preflight", "stale_build_locks", "ResumePlan", "resume_plan"]
 
@@ -51,7 +52,7 @@ def resume_plan(cfg: Config, world_size: int) -> ResumePlan | None:
             change listed, :func:`grape_ds.rundir.refused_message`), or the saved config is unreadable.
     """
     from grape_ds.checkpoint import checkpoint_world_size, complete_checkpoints, verify_checkpoint
-    ckpt_dir = cfg.run_dir / "checkpoints"
+    ckpt_dir = RunPaths(cfg.run_dir).checkpoints
     done = complete_checkpoints(ckpt_dir)
     if not done:
         return None

@@ -30,15 +30,17 @@ from __future__ import annotations
 import itertools
 
 from contextlib import contextmanager
+from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from grape_ds.config import ESTIMATORS, ProbeConfig
 from grape_ds.distributed import all_reduce_sum
 
-__all__ = ["GradientProbe", "ESTIMATORS", "sketch_seed"]
+__all__ = ["GradientProbe", "Reduced", "ESTIMATORS", "sketch_seed"]
 
-ESTIMATORS = ("sketch", "exact")
 _BITS = (1, 2, 4, 8, 16, 32, 64, 128)  # bit i of a packed sign byte
 
 
@@ -66,6 +68,12 @@ class GradientProbe:
     probe follows them at the first gradient it sees, or at :meth:`to`. Accumulation is fp32 whatever
     the gradients' dtype.
     """
+
+    @classmethod
+    def from_config(cls, model: torch.nn.Module, num_units: int, cfg: ProbeConfig,
+                    staged: bool = False) -> "GradientProbe":
+        """The ``probe:`` section's probe (estimator, dim, seed) of ``num_units`` rows on ``model``."""
+        return cls(model, num_units, cfg.estimator, cfg.dim, cfg.seed, staged=staged)
 
     def __init__(self, model: torch.nn.Module, num_units: int, estimator: str = "sketch",
                  dim: int = 8192, seed: int = 0, staged: bool = False) -> None:
@@ -210,14 +218,14 @@ class GradientProbe:
         """This rank's committed contributions per unit (``[U]`` float, on the probe's device)."""
         return self.stats[:, 1].clone()
 
-    def reduce(self, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One all_reduce over ranks of the units in ``rows`` (all by default); returns their
-        (projections [R, m], mean losses [R], sequences [R]) and resets those rows.
+    def reduce(self, rows: slice = slice(None)) -> "Reduced":
+        """One all_reduce over ranks of the units in ``rows`` (all by default); returns what a round
+        needs of them (:class:`Reduced`) and resets those rows.
 
         A unit's projection is the mean of its contributions' projected gradients over all ranks,
         i.e. the projection of the gradient of its mean loss over all its batches. Contributions not
         yet committed (probe batches of a staged probe) are committed first. A unit nobody measured
-        has a zero projection, loss 0 and 0 sequences. All three results stay on the probe's device.
+        has a zero projection, loss 0 and 0 sequences.
         """
         self.commit_step()
         buf, st = self.buffer[rows], self.stats[rows]
@@ -228,7 +236,7 @@ class GradientProbe:
         n = stats[:, 1].clamp(min=1)
         buf.zero_()
         st.zero_()
-        return proj / n[:, None], stats[:, 0] / n, stats[:, 2]
+        return Reduced(proj / n[:, None], stats[:, 0] / n, stats[:, 2])
 
     @staticmethod
     def gram(proj: torch.Tensor) -> torch.Tensor:
@@ -252,6 +260,20 @@ class GradientProbe:
         buffers = (self.buffer.numel() + self.stats.numel()) * 4 * (2 if self.staged else 1)
         return buffers + sum(s.numel() for s in self.signs)
 
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
+
+class Reduced(NamedTuple):
+    """Units' reduced measurements (:meth:`GradientProbe.reduce`), on the probe's device."""
+    proj: torch.Tensor       # [R, m] mean projected gradient of each unit, fp32
+    losses: torch.Tensor     # [R] mean loss per contribution (nats per token), fp32
+    sequences: torch.Tensor  # [R] sequences measured over all ranks (0: the unit was not measured)
+
+    def cat(self, other: "Reduced") -> "Reduced":
+        """The rows of ``self`` followed by those of ``other``."""
+        return Reduced(*(torch.cat(pair) for pair in ((self.proj, other.proj), (self.losses, other.losses),
+                                                       (self.sequences, other.sequences))))
+
+    def host(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(losses [R] float64, Gram matrix [R, R] float64 of the projections, sequences [R])`` on the
+        host: what the controller's :class:`grape_ds.controller.RoundStats` holds."""
+        return (self.losses.double().cpu().numpy(), GradientProbe.gram(self.proj).cpu().numpy(),
+                self.sequences.cpu().numpy())

@@ -1,13 +1,18 @@
-"""The run directory: one live run at a time, and what a resume may change.
+"""The run directory: every path of a run named once, its atomic writes, one live run at a time, what a
+resume may change, and a finished run read back.
 
-**The lock.** Rank 0 of a run holds an exclusive ``fcntl.flock`` on ``<run>/run.lock`` for as long as
-the run lives, and writes into it who holds it (host, process id, since when, the command). A second
-launch into the same directory (another terminal, a requeued job overlapping the old one, another
-master port) is refused at once with that holder named, before it reads or writes anything else of the
-run. The kernel drops the lock when the holding process dies, however it dies (``kill -9`` included),
-so a lock left by a dead run is free: the next launch takes it over and says whose it was. A lock on a
-shared file system is only as good as that file system's ``flock`` (NFSv4 and Lustre with ``-o flock``
-honour it across hosts); where it is not supported, the run warns and goes on unlocked.
+**Paths.** :class:`RunPaths` names each file and folder of ``<logging.output_dir>/<logging.run_name>``
+(config, DeepSpeed JSON, ranks, mixture, status, metrics, evaluation, batch trace, checkpoints,
+TensorBoard, launch files); nothing else in grape-ds spells them. Files that a reader may open at any
+moment (``mixture.json``, ``status.json``) are written with :func:`atomic_write_text` (a temporary
+file renamed over the old one), so a reader sees the old content or the new, never half of it.
+
+**The lock.** Rank 0 of a run holds an exclusive lock on ``<run>/run.lock`` for as long as the run
+lives (:mod:`grape_ds.lockfile`; the file says who holds it: host, process id, since when, the
+command). A second launch into the same directory (another terminal, a requeued job overlapping the old
+one, another master port) is refused at once with that holder named, before it reads or writes
+anything else of the run. A lock left by a dead run is free: the next launch takes it over and says
+whose it was.
 
 **Resuming after a change.** Before any state is loaded or any file of the run is written,
 :func:`resume_changes` compares the config a relaunch resolves with the run's saved ``config.yaml``
@@ -16,28 +21,97 @@ change how the run is watched or how long it goes on (:data:`RESUMABLE`) may cha
 number of ranks when the global batch stays the same (the checkpoint is then converted to DeepSpeed's
 universal format); any other change is refused with every changed key, its old and new value, and
 what the user can do.
+
+**A finished run.** :func:`load_trained_run` rebuilds what a run trained, for ``grape-ds eval`` and
+``grape-ds export``: its resolved ``config.yaml`` (with the run's own ``ds_config.json``, so the
+directory is self-contained), the packed data (``prepare_data`` with the same cache: reused, or rebuilt
+when the cache is gone) and the GPT-2 module with the fp32 weights of a complete checkpoint
+(:func:`grape_ds.checkpoint.consolidated_state_dict`).
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import logging
 import os
-import socket
-import sys
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import yaml
 
-__all__ = ["RunDirError", "RunDirBusy", "RunLock", "LOCK_FILE", "RESUMABLE", "BATCH_KEYS", "resume_changes",
-           "saved_world_size", "saved_global_batch", "flatten", "live_holder", "check_writable", "refused_message"]
+from grape_ds.checkpoint import complete_checkpoints, consolidated_state_dict, saved_client_state
+from grape_ds.config import Config, load_config
+from grape_ds.lockfile import LOCK_FILE, LockBusy, LockFile, holder_text
+
+__all__ = ["RunPaths", "atomic_write_text", "atomic_write_json", "append_jsonl", "truncate_jsonl", "read_jsonl",
+           "RunDirError", "RunDirBusy", "RunLock", "LOCK_FILE", "RESUMABLE", "BATCH_KEYS", "resume_changes",
+           "saved_world_size", "saved_global_batch", "flatten", "check_writable", "refused_message",
+           "load_run_config", "select_checkpoint", "TrainedRun", "load_trained_run"]
 
 log = logging.getLogger(__name__)
 
-LOCK_FILE = "run.lock"
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Every path of the run directory ``root``, named once."""
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    config = property(lambda self: self.root / "config.yaml")            # the resolved experiment
+    ds_config = property(lambda self: self.root / "ds_config.json")      # the DeepSpeed JSON, batch keys resolved
+    ranks = property(lambda self: self.root / "ranks.json")              # host, address, pid of each rank
+    mixture = property(lambda self: self.root / "mixture.json")          # the controller's summary
+    status = property(lambda self: self.root / "status.json")            # finished or stopped, and why
+    metrics = property(lambda self: self.root / "metrics.jsonl")         # a row per optimizer step
+    eval = property(lambda self: self.root / "eval" / "eval.jsonl")      # evaluations during training
+    eval_cli = property(lambda self: self.root / "eval" / "eval_cli.jsonl")  # `grape-ds eval` results
+    checkpoints = property(lambda self: self.root / "checkpoints")       # grape_ds.checkpoint's folders
+    tensorboard = property(lambda self: self.root / "tensorboard")       # event files
+    launch = property(lambda self: self.root / "launch")                 # hostfile, .deepspeed_env of a launch
+    slurm = property(lambda self: self.root / "slurm")                   # SLURM job and rank logs
+    lock = property(lambda self: self.root / LOCK_FILE)
+
+    def trace(self, rank: int) -> Path:
+        """The batch trace of global rank ``rank`` (``logging.trace_batches``)."""
+        return self.root / "trace" / f"rank{rank}.jsonl"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder, renamed over ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj, indent: int | None = 2) -> None:
+    """:func:`atomic_write_text` of ``obj`` as JSON (one trailing newline)."""
+    atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def append_jsonl(path: Path, row: dict) -> None:
+    """Append ``row`` as one JSON line (the folder is created if needed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Every row of a JSON-lines file (blank lines skipped)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def truncate_jsonl(path: Path, last_step: int) -> None:
+    """Keep only the rows with ``step <= last_step`` (a resumed run rewrites what came after)."""
+    path = Path(path)
+    if path.exists():
+        rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+        atomic_write_text(path, "".join(r + "\n" for r in rows))
+
 
 # Keys a resumed run may change: how it is watched, evaluated and checkpointed, how long it runs,
 # where its caches and outputs live, and the collective timeout. ``train.max_steps`` also moves the LR
@@ -53,12 +127,6 @@ class RunDirError(ValueError):
 
 class RunDirBusy(RunDirError):
     """Another live process holds the run directory's lock."""
-
-
-def _holder_text(info: dict) -> str:
-    since = info.get("since")
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if isinstance(since, (int, float)) else "?"
-    return f"host {info.get('host', '?')}, process id {info.get('pid', '?')}, since {when}"
 
 
 def check_writable(run_dir: Path) -> None:
@@ -79,31 +147,9 @@ def check_writable(run_dir: Path) -> None:
                           "permissions); set logging.output_dir to a folder you can write")
 
 
-def live_holder(run_dir: Path) -> dict | None:
-    """Who holds ``run_dir``'s lock now (``{"host", "pid", "since", "command"}``), or None when no live
-    process does. Takes nothing and writes nothing."""
-    path = Path(run_dir) / LOCK_FILE
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return _read_info(fd)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    return None
-
-
-class RunLock:
-    """The exclusive lock on ``<run>/run.lock`` (rank 0 only). Use :meth:`acquire`, then
-    :meth:`release` when the run ends (a process that dies releases it too)."""
-
-    def __init__(self, path: Path, fd: int | None) -> None:
-        self.path, self._fd = path, fd
+class RunLock(LockFile):
+    """The exclusive lock on ``<run>/run.lock`` (rank 0 only; :class:`grape_ds.lockfile.LockFile`). Use
+    :meth:`acquire`, then :meth:`release` when the run ends (a process that dies releases it too)."""
 
     @classmethod
     def acquire(cls, run_dir: Path) -> "RunLock":
@@ -112,73 +158,22 @@ class RunLock:
         Raises:
             RunDirBusy: another live process holds it; the message names its host, process id and
                 start time.
+            RunDirError: the directory is not writable or the lock file cannot be created.
         """
         run_dir = Path(run_dir)
         check_writable(run_dir)
-        path = run_dir / LOCK_FILE
         try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise RunDirError(f"run directory {run_dir}: cannot create {path} ({exc.strerror}); set "
-                              "logging.output_dir to a folder you can write") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            info = _read_info(fd)
-            os.close(fd)
+            return super().acquire(run_dir)
+        except LockBusy as busy:
+            info = busy.holder
             raise RunDirBusy(
-                f"run directory {run_dir} is in use by a live run ({_holder_text(info)}); "
+                f"run directory {run_dir} is in use by a live run ({holder_text(info)}); "
                 f"its command: {info.get('command', '?')}. Wait for it to end, stop it (kill -TERM "
                 f"{info.get('pid', '<pid>')} on {info.get('host', 'its host')} saves a checkpoint first), "
                 "or launch into another logging.run_name") from None
         except OSError as exc:
-            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-                os.close(fd)
-                raise
-            log.warning("the file system of %s does not support flock (%s): the run directory is not "
-                        "locked, so do not launch twice into it", run_dir, exc)
-            return cls(path, fd)
-        previous = _read_info(fd)
-        if previous.get("pid") is not None and not previous.get("released"):
-            log.warning("run directory %s: the run that held it (%s) ended without releasing it "
-                        "(killed, or its host failed); taking it over", run_dir, _holder_text(previous))
-        info = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time(),
-                "command": " ".join(sys.argv)}
-        _write_info(fd, info)
-        return cls(path, fd)
-
-    def release(self) -> None:
-        """Mark the lock released and drop it (idempotent)."""
-        if self._fd is None:
-            return
-        try:
-            info = _read_info(self._fd)
-            _write_info(self._fd, {**info, "released": time.time()})
-        except OSError as exc:  # a full or read-only disk: closing below still drops the lock
-            log.warning("could not mark %s released (%s); the lock itself is dropped", self.path, exc)
-        os.close(self._fd)
-        self._fd = None
-
-
-def _read_info(fd: int) -> dict:
-    os.lseek(fd, 0, os.SEEK_SET)
-    text = b""
-    while chunk := os.read(fd, 65536):
-        text += chunk
-    try:
-        info = json.loads(text.decode("utf-8", errors="replace") or "{}")
-    except json.JSONDecodeError:
-        return {}
-    return info if isinstance(info, dict) else {}
-
-
-def _write_info(fd: int, info: dict) -> None:
-    data = (json.dumps(info) + "\n").encode()
-    os.ftruncate(fd, 0)
-    os.lseek(fd, 0, os.SEEK_SET)
-    os.write(fd, data)
-    os.fsync(fd)
+            raise RunDirError(f"run directory {run_dir}: cannot create {run_dir / LOCK_FILE} ({exc.strerror}); "
+                              "set logging.output_dir to a folder you can write") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,9 +194,8 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
 
 def saved_world_size(run_dir: Path) -> int | None:
     """The number of ranks the run was launched on, from its ``ds_config.json`` (None: not there)."""
-    path = Path(run_dir) / "ds_config.json"
     try:
-        ds = json.loads(path.read_text())
+        ds = json.loads(RunPaths(run_dir).ds_config.read_text())
         return int(ds["train_batch_size"]) // (int(ds["train_micro_batch_size_per_gpu"])
                                                * int(ds["gradient_accumulation_steps"]))
     except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
@@ -220,7 +214,7 @@ BATCH_KEYS = ("train.micro_batch_size", "train.gradient_accumulation_steps")
 def saved_global_batch(run_dir: Path) -> int | None:
     """Sequences per optimizer step the run trained with (``train_batch_size`` of its ``ds_config.json``)."""
     try:
-        return int(json.loads((Path(run_dir) / "ds_config.json").read_text())["train_batch_size"])
+        return int(json.loads(RunPaths(run_dir).ds_config.read_text())["train_batch_size"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -239,7 +233,7 @@ def resume_changes(run_dir: Path, new: dict, world_size: int, global_batch: int 
     Raises:
         RunDirError: the saved ``config.yaml`` cannot be read.
     """
-    path = Path(run_dir) / "config.yaml"
+    path = RunPaths(run_dir).config
     if not path.is_file():
         return [], []
     try:
@@ -283,3 +277,89 @@ def refused_message(run_dir: Path, refused: list[str]) -> str:
             "old run stays as it is), or --no-resume (the old run is moved aside to <run>.replaced-<time>, "
             "never deleted).")
     return "\n".join(lines + ["What you can do: " + what])
+
+
+# ----------------------------------------------------------------------------------------------
+# A finished run, read back
+# ----------------------------------------------------------------------------------------------
+
+def load_run_config(run_dir: Path) -> Config:
+    """The run's resolved ``config.yaml``, validated against the run's own ``ds_config.json``.
+
+    The DeepSpeed JSON the config names may have moved; the copy in the run directory holds the batch
+    keys the run used, and the world size follows from them.
+
+    Raises:
+        RunDirError: ``run_dir`` is not a run directory (``config.yaml`` or ``ds_config.json`` missing).
+        ConfigError: the saved config no longer loads.
+    """
+    paths = RunPaths(run_dir)
+    for path in (paths.config, paths.ds_config):
+        if not path.is_file():
+            raise RunDirError(f"{run_dir} is not a grape-ds run directory: {path.name} is missing "
+                              "(every run writes config.yaml and ds_config.json when it starts)")
+    return load_config(paths.config, [f"deepspeed.config={paths.ds_config.resolve()}"],
+                       world_size=saved_world_size(run_dir))
+
+
+def select_checkpoint(run_dir: Path, step: int | None = None) -> tuple[int, str]:
+    """``(step, tag)`` of the newest complete checkpoint, or of the one at ``step``.
+
+    Raises:
+        RunDirError: the run has no complete checkpoint (at ``step``).
+    """
+    ckpt_dir = RunPaths(run_dir).checkpoints
+    done = complete_checkpoints(ckpt_dir)
+    if not done:
+        raise RunDirError(f"{run_dir} has no complete checkpoint under {ckpt_dir} (one counts once its "
+                          "COMPLETE marker is written, after every rank saved it); train the run first")
+    if step is None:
+        return done[-1]
+    for found in done:
+        if found[0] == step:
+            return found
+    raise RunDirError(f"{run_dir} has no complete checkpoint at step {step}; complete ones are at steps "
+                      f"{[s for s, _ in done]}")
+
+
+@dataclass
+class TrainedRun:
+    """A run's config, packed data and the GPT-2 module with one checkpoint's fp32 weights."""
+    paths: RunPaths
+    cfg: Config
+    data: object            # grape_ds.data.PackedData
+    model: torch.nn.Module  # GPT2LMHeadModel, fp32, on the CPU, in eval mode
+    step: int
+    tag: str                # the checkpoint folder's name
+
+    @property
+    def run_dir(self) -> Path:
+        return self.paths.root
+
+
+def load_trained_run(run_dir: Path, step: int | None = None) -> TrainedRun:
+    """Config, packed data and the GPT-2 module with the fp32 weights of the newest complete
+    checkpoint (or the one at ``step``). A run trained on packed data other than its sources pack to
+    now (a source, the tokenizer or ``seq_len`` changed) is loaded with a warning.
+
+    Raises:
+        RunDirError: not a run directory, or no complete checkpoint (at ``step``).
+    """
+    # the data package and the model (tokenizers, transformers: seconds of imports) load only when a
+    # run is read back, not for the launchers and pre-flight checks that use the rest of this module
+    from grape_ds.data import prepare_data
+    from grape_ds.model import build_model
+
+    paths = RunPaths(run_dir)
+    cfg = load_run_config(paths.root)
+    step, tag = select_checkpoint(paths.root, step)
+    data = prepare_data(cfg.data)
+    trained_on = saved_client_state(paths.checkpoints, tag).get("sampler", {}).get("data_hash")
+    if trained_on != data.content_hash:
+        log.warning("the run trained on packed data %s, but its sources now pack to %s (a source, the "
+                    "tokenizer or seq_len changed since): losses are measured on the current data",
+                    trained_on, data.content_hash)
+    model = build_model(cfg.model, data.vocab_size, data.eot_id, seed=cfg.train.seed)
+    model.load_state_dict(consolidated_state_dict(paths.checkpoints, tag), strict=True)
+    model.eval()
+    return TrainedRun(paths, cfg, data, model, step, tag)

@@ -1,4 +1,5 @@
-"""Learning-rate schedules as pure functions of the optimizer step.
+"""Learning-rate schedules as pure functions of the optimizer step, and the one periodic test
+(:func:`is_due`) that every "every N steps" key (rounds, evaluation, checkpoints, logging) uses.
 
 Formulas from ``reference/ALGORITHMS.md`` §5.2 (the research code's ``src/schedulers.py``):
 W warm-up steps, T total steps, ``lr`` peak, ``lr_end`` final, warm-up starts at ``LR_START`` = 1e-7,
@@ -11,9 +12,15 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-__all__ = ["LR_START", "SCHEDULES", "lr_at", "lr_multiplier_fn"]
+__all__ = ["LR_START", "SCHEDULES", "lr_at", "lr_multiplier_fn", "is_due"]
 
 LR_START = 1e-7
+
+
+def is_due(step: int, every: int) -> bool:
+    """Whether optimizer step ``step`` (counted from 1) is the turn of something done every ``every``
+    steps: after steps ``every, 2 * every, ...``; never when ``every <= 0`` (the config's "off")."""
+    return every > 0 and step % every == 0
 
 
 def _warmup(t: int, warmup: int, lr: float) -> float:

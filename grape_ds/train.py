@@ -30,18 +30,20 @@ import yaml
 from grape_ds import devices
 from grape_ds.checkpoint import CheckpointError, Checkpointer, to_universal
 from grape_ds.config import Config, ConfigError, config_to_dict, load_config
-from grape_ds.controller import UPDATES_TASKS, MethodParams, MixtureController, RoundStats
-from grape_ds.data import MixtureSampler, PackedData, prepare_data
-from grape_ds.data.sampler import TARGET_MIXTURE, TRAIN_MIXTURE, mixture_batch, probe_windows
+from grape_ds.controller import UPDATES_TASKS, MixtureController, RoundStats, mixture_batch_rows
+from grape_ds.data import MixtureSampler, PackedData, mc_items_for, prepare_data
+from grape_ds.data.rounds import TARGET_MIXTURE, TRAIN_MIXTURE, mixture_batches, unit_batches
 from grape_ds.distributed import (adopt_slurm_env, all_reduce_sum, barrier, broadcast_object,
                                   get_local_rank, get_rank, get_world_size, is_collective_failure,
                                   lost_peers, rank_places, setup_logging)
-from grape_ds.evaluation import Evaluator, mc_items_for
+from grape_ds.evaluation import Evaluator
 from grape_ds.model import build_model
-from grape_ds.monitor import build_monitor, truncate_jsonl
-from grape_ds.probe import GradientProbe
+from grape_ds.monitor import build_monitor
 from grape_ds.preflight import resume_plan
-from grape_ds.rundir import LOCK_FILE, RunDirError, RunLock
+from grape_ds.probe import GradientProbe, Reduced
+from grape_ds.rundir import (LOCK_FILE, RunDirError, RunLock, RunPaths, atomic_write_json, atomic_write_text,
+                             truncate_jsonl)
+from grape_ds.schedules import is_due
 
 __all__ = ["Run", "build_run", "claim_run_dir", "train", "main", "parse_args", "DataError"]
 
@@ -68,6 +70,7 @@ class LoopState:
 @dataclass
 class Run:
     cfg: Config
+    paths: RunPaths
     data: PackedData
     engine: object
     sampler: MixtureSampler
@@ -89,12 +92,11 @@ class Run:
 # Setup
 # ----------------------------------------------------------------------------------------------
 
-def _write_run_files(cfg: Config, places: list[dict]) -> None:
-    run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    (run_dir / "ds_config.json").write_text(json.dumps(cfg.ds_config, indent=2) + "\n")
-    (run_dir / "ranks.json").write_text(json.dumps(places, indent=1) + "\n")  # this launch's hosts
+def _write_run_files(cfg: Config, paths: RunPaths, places: list[dict]) -> None:
+    paths.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(paths.config, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    atomic_write_json(paths.ds_config, cfg.ds_config)
+    atomic_write_json(paths.ranks, places, indent=1)  # this launch's hosts
 
 
 def _set_aside(run_dir: Path) -> bool:
@@ -105,22 +107,6 @@ def _set_aside(run_dir: Path) -> bool:
         log.warning("--no-resume: the previous contents of %s were moved to %s", run_dir, aside)
         return True
     return False
-
-
-def _method_params(cfg: Config) -> MethodParams:
-    m = cfg.mixture
-    return MethodParams(mu_domain=m.mu_domain, mu_task=m.mu_task, form=m.form, tau=m.unit_clip,
-                        task_smoothing=m.task_smoothing, ema_beta=m.ema_beta, floor=m.floor)
-
-
-def mixture_batch_rows(cfg: Config) -> tuple[int, int]:
-    """The research form's extra probe rows: ``(train-mixture, target-mixture)`` batches per round.
-    Only methods that move z need train-mixture batches (the task update's train direction)."""
-    m = cfg.mixture
-    if m.form != "research" or m.method == "static" or m.every <= 0:
-        return 0, 0
-    b = cfg.probe.mixture_batches
-    return (b if m.method in UPDATES_TASKS else 0), b
 
 
 def claim_run_dir(cfg: Config, resume: bool, world_size: int) -> tuple[RunLock, tuple[int, str, int] | None]:
@@ -144,7 +130,7 @@ def claim_run_dir(cfg: Config, resume: bool, world_size: int) -> tuple[RunLock, 
                 log.warning("resuming %s with a changed config: %s", cfg.run_dir, change)
             if plan.world_size is not None and plan.world_size != world_size:
                 try:
-                    to_universal(cfg.run_dir / "checkpoints", plan.tag)
+                    to_universal(RunPaths(cfg.run_dir).checkpoints, plan.tag)
                 except CheckpointError as exc:
                     raise RunDirError(f"cannot resume on {world_size} ranks: {exc}") from None
                 universal = (plan.step, plan.tag, plan.world_size)
@@ -187,12 +173,12 @@ def build_run(cfg: Config, resume: bool = True) -> Run:
     # on the engine's device before the probe hooks it, so the probe's buffers are built there
     model = build_model(cfg.model, data.vocab_size, data.eot_id, seed=cfg.train.seed).to(devices.current())
     devices.seed_training_rng(cfg.train.seed, rank)  # dropout masks: a stream per rank, from the seed
-    probe, batch_rows = None, mixture_batch_rows(cfg)
-    if cfg.mixture.method != "static" and cfg.mixture.every > 0:  # hooks before deepspeed.initialize
+    probe, batch_rows = None, mixture_batch_rows(cfg.mixture, cfg.probe)
+    if cfg.mixture.adaptive:  # hooks before deepspeed.initialize
         # under fp16 a step can overflow and be skipped: its in-band contributions must be droppable
         staged = bool(cfg.ds_config.get("fp16", {}).get("enabled", False))
         rows = len(data.domains) + len(data.tasks) + sum(batch_rows)
-        probe = GradientProbe(model, rows, cfg.probe.estimator, cfg.probe.dim, cfg.probe.seed, staged=staged)
+        probe = GradientProbe.from_config(model, rows, cfg.probe, staged=staged)
     engine_cfg = cfg
     if universal is not None:  # another number of ranks: DeepSpeed loads the conversion (this launch
         # only: the run directory's ds_config.json keeps no load_universal for later resumes)
@@ -203,81 +189,55 @@ def build_run(cfg: Config, resume: bool = True) -> Run:
     if probe is not None:
         probe.to(engine.device)
 
-    mix = cfg.mixture
-    controller = MixtureController(mix.method, data.domains, data.tasks, mix.weights, mix.task_weights,
-                                   _method_params(cfg))
+    paths = RunPaths(cfg.run_dir)
+    controller = MixtureController.from_config(cfg.mixture, data.domains, data.tasks)
     sampler = MixtureSampler([data.num_windows(d, "train") for d in data.domains], controller.alpha,
-                             seed=cfg.train.seed, rank=rank, world_size=world_size,
-                             micro_batch_size=cfg.train.micro_batch_size, mode=mix.batch,
-                             data_hash=data.content_hash)
-    checkpointer = Checkpointer(cfg.run_dir / "checkpoints", cfg.checkpoint.every, cfg.checkpoint.keep_last)
+                             seed=cfg.train.seed, rank=rank, micro_batch_size=cfg.train.micro_batch_size,
+                             mode=cfg.mixture.batch, data_hash=data.content_hash)
     state = LoopState()
-    loaded = checkpointer.load_latest(engine, universal) if resume and cfg.checkpoint.resume else None
-    if loaded is not None:
-        client_state, rank_state = loaded
-        state.load_state_dict(client_state["loop"])
-        controller.load_state_dict(client_state["controller"])
-        sampler.load_state_dict(client_state["sampler"])
-        sampler.counts[:] = rank_state.get("sampler_counts", 0)
-        if probe is not None and "probe" in rank_state:
-            probe.load_state_dict(rank_state["probe"])
-        if "rng" in rank_state:
-            devices.set_rng_state(rank_state["rng"], engine.device)
-        elif universal is not None:  # another number of ranks: fresh dropout streams from seed and step
-            devices.seed_training_rng(cfg.train.seed * 1_000_003 + state.step, rank)
-        elif cfg.model.dropout > 0:
+    rank_states = {"sampler_counts": sampler.realised, "rng": devices.TrainingRNG(engine.device)}
+    if probe is not None:
+        rank_states["probe"] = probe
+    checkpointer = Checkpointer.from_config(cfg.checkpoint, paths.checkpoints, engine,
+                                            {"loop": state, "sampler": sampler, "controller": controller},
+                                            rank_states)
+    restored = checkpointer.load_latest(universal) if resume and cfg.checkpoint.resume else None
+    if restored is not None:
+        if "rng" in restored.missing and universal is not None:  # another number of ranks: fresh
+            devices.seed_training_rng(cfg.train.seed * 1_000_003 + state.step, rank)  # dropout streams
+        elif "rng" in restored.missing and cfg.model.dropout > 0:
             log.warning("the checkpoint holds no random state (made by an older grape-ds): dropout masks "
                         "after the resume differ from an uninterrupted run's")
         if state.step != engine.global_steps:
             raise RuntimeError(f"checkpoint step {state.step} != engine step {engine.global_steps}")
     if rank == 0:  # the checkpoint (if any) loaded: this launch's config becomes the run's
-        _write_run_files(cfg, places)
+        _write_run_files(cfg, paths, places)
     if probe is not None:  # the projection of the round the next in-band steps feed
         probe.set_round(next_round_step(state.step, cfg.mixture.every))
-    evaluator = Evaluator(data, cfg.eval.every, cfg.eval.batch_size, cfg.eval.max_windows, rank,
-                          world_size, cfg.run_dir, mc_items=mc_items_for(cfg.data, cfg.eval.max_items),
-                          forward_context=precision.forward_context)
+    evaluator = Evaluator.from_config(cfg.eval, data, rank, world_size, paths.eval,
+                                      mc_items=mc_items_for(cfg.data, cfg.eval.max_items),
+                                      forward_context=precision.forward_context)
     if rank == 0:
-        truncate_jsonl(evaluator.path, state.step)
+        truncate_jsonl(paths.eval, state.step)
     if cfg.logging.trace_batches:
-        truncate_jsonl(_trace_path(cfg, rank), state.step)
-    monitor = build_monitor(rank, cfg.run_dir, data.domains, data.tasks, cfg.train.max_steps,
+        truncate_jsonl(paths.trace(rank), state.step)
+    monitor = build_monitor(rank, paths, data.domains, data.tasks, cfg.train.max_steps,
                             start_step=state.step, progress=cfg.logging.progress)
     devices.reset_peak_memory(engine.device)
-    return Run(cfg, data, engine, sampler, controller, probe, checkpointer, evaluator, monitor, state,
+    return Run(cfg, paths, data, engine, sampler, controller, probe, checkpointer, evaluator, monitor, state,
                rank, world_size, precision, batch_rows, lock, places)
-
-
-def _trace_path(cfg: Config, rank: int) -> Path:
-    return cfg.run_dir / "trace" / f"rank{rank}.jsonl"
 
 
 # ----------------------------------------------------------------------------------------------
 # The loop and its named steps
 # ----------------------------------------------------------------------------------------------
 
-def _rows(data: PackedData, unit: str, split: str, windows) -> torch.Tensor:
-    w = data.windows(unit, split)
-    return torch.from_numpy(np.stack([w[i] for i in windows]).astype(np.int64))  # [batch, seq_len]
-
-
-def _batch(data: PackedData, draw) -> torch.Tensor:
-    rows = [data.windows(data.domains[d], "train")[w] for d, w in zip(draw.domains, draw.windows)]
-    return torch.from_numpy(np.stack(rows).astype(np.int64))  # [micro_batch, seq_len]
-
-
-def rounds_due(cfg: Config, step: int) -> bool:
-    every = cfg.mixture.every
-    return every > 0 and step % every == 0
-
-
 def inband_due(run: Run, step: int) -> bool:
     """Whether optimizer step ``step`` (1-based) lies in the in-band window before a round."""
     if run.probe is None or run.cfg.probe.domains != "inband":
         return False
     every = run.cfg.mixture.every
-    r = step % every
-    return r == 0 or r > every - run.cfg.probe.window
+    return is_due(step, every) or step % every > every - run.cfg.probe.window
 
 
 def next_round_step(step: int, every: int) -> int:
@@ -324,36 +284,6 @@ def _scaled_probe_gradient(run: Run, unit: int, loss: torch.Tensor, sequences: i
         scale /= 2.0
 
 
-def unit_batches(data: PackedData, cfg: Config, rank: int, step: int,
-                 units: list[int]) -> list[tuple[int, torch.Tensor]]:
-    """A probe batch (``probe.batch_size`` sequences of this rank, on the host) for each unit row
-    (domains, then tasks) of the round after ``step``."""
-    names = data.domains + data.tasks
-    out = []
-    for u in units:
-        windows = probe_windows(data.num_windows(names[u], "train"), cfg.probe.batch_size,
-                                seed=cfg.train.seed, rank=rank, step=step, unit=u)
-        out.append((u, _rows(data, names[u], "train", windows)))
-    return out
-
-
-def mixture_batches(data: PackedData, cfg: Config, rank: int, step: int, stream: int, probs,
-                    first_row: int, count: int) -> list[tuple[int, torch.Tensor]]:
-    """``count`` mixture batches for rows ``first_row, ...`` (on the host): the train mixture
-    (domains from alpha) or the target mixture (tasks from z), each sequence's unit drawn on its own
-    (the research form's ``e_r`` and ``c_r``)."""
-    names = data.domains if stream == TRAIN_MIXTURE else data.tasks
-    sizes = np.array([data.num_windows(n, "train") for n in names], dtype=np.int64)
-    size = cfg.probe.mixture_batch_size or cfg.train.micro_batch_size
-    out = []
-    for r in range(count):
-        draw = mixture_batch(np.asarray(probs, dtype=np.float64), sizes, size, seed=cfg.train.seed,
-                             rank=rank, step=step, stream=stream, index=r)
-        rows = [data.windows(names[u], "train")[w] for u, w in zip(draw.domains, draw.windows)]
-        out.append((first_row + r, torch.from_numpy(np.stack(rows).astype(np.int64))))
-    return out
-
-
 def _unmeasured_domains(run: Run) -> list[int]:
     """In-band domains that no rank drew in the window (one small all-reduce): they get probe batches,
     so every domain is measured every round and the task update's train direction keeps every
@@ -382,28 +312,27 @@ def measure_round(run: Run, step: int) -> tuple[RoundStats, int]:
     else:
         missing = _unmeasured_domains(run)
         units = missing + list(range(k, k + n))
-    data, rank = run.data, run.rank
-    batches = unit_batches(data, cfg, rank, step, units)
-    batches += mixture_batches(data, cfg, rank, step, TRAIN_MIXTURE, run.sampler.probs, k + n, e_rows)
+    data, draw = run.data, {"seed": cfg.train.seed, "rank": run.rank, "step": step}
+    size = cfg.probe.mixture_batch_size or cfg.train.micro_batch_size
+    batches = unit_batches(data, units, cfg.probe.batch_size, **draw)
+    batches += mixture_batches(data, TRAIN_MIXTURE, run.sampler.probs, k + n, e_rows, size, **draw)
     two_phase = c_rows > 0 and ctl.method in UPDATES_TASKS
     if c_rows and not two_phase:
-        batches += mixture_batches(data, cfg, rank, step, TARGET_MIXTURE, ctl.z, k + n + e_rows, c_rows)
+        batches += mixture_batches(data, TARGET_MIXTURE, ctl.z, k + n + e_rows, c_rows, size, **draw)
     _probe_rows(run, batches)
-    first = slice(0, k + n + e_rows) if two_phase else slice(None)
-    proj, losses, seqs = probe.reduce(first)
+    reduced = probe.reduce(slice(0, k + n + e_rows) if two_phase else slice(None))
     if two_phase:
-        z_next = broadcast_object(ctl.preview_z(_round_stats(run, proj, losses, seqs, e_rows, 0)).tolist()
+        z_next = broadcast_object(ctl.preview_z(_round_stats(run, reduced, e_rows, 0)).tolist()
                                   if run.rank == 0 else None)  # only rank 0's controller needs the Gram
-        _probe_rows(run, mixture_batches(data, cfg, rank, step, TARGET_MIXTURE, z_next, k + n + e_rows, c_rows))
-        proj_c, losses_c, seqs_c = probe.reduce(slice(k + n + e_rows, None))
-        proj, losses, seqs = (torch.cat(pair) for pair in ((proj, proj_c), (losses, losses_c), (seqs, seqs_c)))
+        _probe_rows(run, mixture_batches(data, TARGET_MIXTURE, z_next, k + n + e_rows, c_rows, size, **draw))
+        reduced = reduced.cat(probe.reduce(slice(k + n + e_rows, None)))
     probe.set_round(next_round_step(step, cfg.mixture.every))
-    return _round_stats(run, proj, losses, seqs, e_rows, c_rows), len(missing)
+    return _round_stats(run, reduced, e_rows, c_rows), len(missing)
 
 
-def _round_stats(run: Run, proj, losses, seqs, train_batches: int, target_batches: int) -> RoundStats:
-    return RoundStats(losses=losses.double().cpu().numpy(), gram=run.probe.gram(proj).cpu().numpy(),
-                      counts=seqs.cpu().numpy(), num_domains=len(run.data.domains),
+def _round_stats(run: Run, reduced: Reduced, train_batches: int, target_batches: int) -> RoundStats:
+    losses, gram, counts = reduced.host()
+    return RoundStats(losses=losses, gram=gram, counts=counts, num_domains=len(run.data.domains),
                       train_batches=train_batches, target_batches=target_batches)
 
 
@@ -454,9 +383,8 @@ def log_weights(run: Run, step: int) -> None:
 
 
 def log_step(run: Run, step: int, loss: float, lr: float, tokens_per_sec: float) -> None:
-    counts = torch.from_numpy(run.sampler.counts.astype(np.float64)).to(run.engine.device)
+    counts = torch.from_numpy(run.sampler.realised.take().astype(np.float64)).to(run.engine.device)
     counts = all_reduce_sum(counts).cpu().numpy()  # [K], all ranks
-    run.sampler.counts[:] = 0
     realised = (counts / counts.sum()).tolist() if counts.sum() > 0 else counts.tolist()
     memory, _ = devices.peak_memory_bytes(run.engine.device)
     run.monitor.scalars(step, {"train/loss": loss, "train/lr": lr, "train/tokens_per_sec": tokens_per_sec,
@@ -466,21 +394,13 @@ def log_step(run: Run, step: int, loss: float, lr: float, tokens_per_sec: float)
 
 
 def save_checkpoint(run: Run) -> None:
-    client_state = {"loop": run.state.state_dict(), "sampler": run.sampler.state_dict(),
-                    "controller": run.controller.state_dict()}
-    rank_state = {"sampler_counts": run.sampler.counts.copy(), "rng": devices.rng_state(run.engine.device)}
-    if run.probe is not None:
-        rank_state["probe"] = run.probe.state_dict()
-    run.checkpointer.save(run.engine, run.state.step, client_state, rank_state)
+    run.checkpointer.save(run.state.step)
     write_mixture_json(run)
 
 
 def write_mixture_json(run: Run) -> None:
     if run.rank == 0:
-        path = run.cfg.run_dir / "mixture.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(run.controller.summary(), indent=2) + "\n")
-        os.replace(tmp, path)
+        atomic_write_json(run.paths.mixture, run.controller.summary())
 
 
 class StopRequest:
@@ -515,8 +435,8 @@ def train(run: Run, stop_at: int | None = None, stop: StopRequest | None = None)
     last = min(stop_at if stop_at is not None else cfg.train.max_steps, cfg.train.max_steps)
     trace = None
     if cfg.logging.trace_batches:
-        _trace_path(cfg, run.rank).parent.mkdir(parents=True, exist_ok=True)
-        trace = _trace_path(cfg, run.rank).open("a")
+        run.paths.trace(run.rank).parent.mkdir(parents=True, exist_ok=True)
+        trace = run.paths.trace(run.rank).open("a")
     engine.train()
     window_start, window_tokens = time.perf_counter(), 0
     while st.step < last:
@@ -530,7 +450,7 @@ def train(run: Run, stop_at: int | None = None, stop: StopRequest | None = None)
             if trace is not None:
                 trace.write(json.dumps({"step": st.step + 1, "micro": micro, "domains": draw.domains.tolist(),
                                         "windows": draw.windows.tolist()}) + "\n")
-            x = _batch(run.data, draw).to(engine.device)
+            x = run.data.batch([run.data.domains[d] for d in draw.domains], draw.windows).to(engine.device)
             loss = engine(input_ids=x, labels=x).loss
             if inband:  # engine.backward scales the loss by loss_scale / gas; the probe undoes it
                 with run.probe.unit(draw.pure_domain, scale=gas / run.precision.loss_scale(engine)):
@@ -559,13 +479,13 @@ def train(run: Run, stop_at: int | None = None, stop: StopRequest | None = None)
             raise FloatingPointError(f"training loss is {step_loss} at step {st.step}; stopping "
                                      "(lower train.lr or check the data)")
 
-        round_now = rounds_due(cfg, st.step)
+        round_now = is_due(st.step, cfg.mixture.every)
         if round_now:
             run_mixture_round(run, st.step)
             if trace is not None:
                 trace.write(json.dumps({"step": st.step, "alpha": run.controller.alpha.tolist(),
                                         "z": run.controller.z.tolist()}) + "\n")
-        if st.step % cfg.logging.every == 0 or st.step == last:
+        if is_due(st.step, cfg.logging.every) or st.step == last:
             elapsed = time.perf_counter() - window_start
             tps = window_tokens / elapsed if elapsed > 0 else float("nan")
             log_step(run, st.step, step_loss, lr, tps)
@@ -594,17 +514,15 @@ def train(run: Run, stop_at: int | None = None, stop: StopRequest | None = None)
     return result
 
 
-def _final_message(cfg: Config, finished: bool) -> str:
-    run_dir = cfg.run_dir
-    ckpts = run_dir / "checkpoints"
+def _final_message(paths: RunPaths, finished: bool) -> str:
     state = "finished" if finished else "stopped (resume by running the same command again)"
     return "\n".join([
-        f"grape-ds: run {state}: {run_dir}",
-        f"  TensorBoard logs : {run_dir / 'tensorboard'}",
-        f"  checkpoints      : {ckpts}",
-        f"  mixture weights  : {run_dir / 'mixture.json'}",
-        f"  metrics          : {run_dir / 'metrics.jsonl'} and {run_dir / 'eval' / 'eval.jsonl'}",
-        f"  open TensorBoard : tensorboard --logdir {run_dir / 'tensorboard'}  (then http://localhost:6006)",
+        f"grape-ds: run {state}: {paths.root}",
+        f"  TensorBoard logs : {paths.tensorboard}",
+        f"  checkpoints      : {paths.checkpoints}",
+        f"  mixture weights  : {paths.mixture}",
+        f"  metrics          : {paths.metrics} and {paths.eval}",
+        f"  open TensorBoard : tensorboard --logdir {paths.tensorboard}  (then http://localhost:6006)",
     ])
 
 
@@ -633,14 +551,11 @@ def write_status(run: Run, stop: StopRequest, stop_at: int | None) -> None:
     finished = run.state.step >= run.cfg.train.max_steps
     reason = None if finished else (stop.name or (f"--stop-at {stop_at}" if stop_at is not None
                                                   else "a stop requested on another rank"))
-    path = run.cfg.run_dir / "status.json"
-    tmp = path.with_suffix(".tmp")
     memory, kind = devices.peak_memory_bytes(run.engine.device)
-    tmp.write_text(json.dumps({"state": "finished" if finished else "stopped", "step": run.state.step,
-                               "max_steps": run.cfg.train.max_steps, "reason": reason,
-                               "peak_memory_bytes": memory, "peak_memory_kind": kind,
-                               "time": time.time()}) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(run.paths.status, {"state": "finished" if finished else "stopped", "step": run.state.step,
+                                         "max_steps": run.cfg.train.max_steps, "reason": reason,
+                                         "peak_memory_bytes": memory, "peak_memory_kind": kind,
+                                         "time": time.time()}, indent=None)
 
 
 def _leave_after_collective_failure(run: Run, exc: Exception) -> None:
@@ -712,7 +627,7 @@ def main(argv=None) -> int:
                 _leave_after_collective_failure(run, exc)
         write_status(run, stop, args.stop_at)
         if run.rank == 0:
-            print(_final_message(cfg, run.state.step >= cfg.train.max_steps), flush=True)
+            print(_final_message(run.paths, run.state.step >= cfg.train.max_steps), flush=True)
         clean = True
         return 0
     finally:

@@ -43,11 +43,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from grape_ds.config import SourceConfig
-from grape_ds.data.sources import hub_records, iter_json_records, iter_parquet_rows, missing_field, open_text
+from grape_ds.config import DataConfig, SourceConfig
+from grape_ds.data.readers import hub_records, iter_json_records, iter_parquet_rows, missing_field, open_text
 
 __all__ = ["MCItem", "BenchmarkSpec", "RowSplit", "BENCHMARKS", "iter_lm_texts", "load_items",
-           "is_multiple_choice", "benchmark_files"]
+           "is_multiple_choice", "benchmark_files", "mc_items_for"]
 
 
 @dataclass(frozen=True)
@@ -154,6 +154,18 @@ def benchmark_files(src: SourceConfig) -> list[Path]:
     if not src.path:
         return []
     return _split_files(spec, Path(src.path), _resolve_split(spec, src.split)[0])
+
+
+def mc_items_for(cfg: DataConfig, max_items: int | None) -> dict[str, list[MCItem]]:
+    """The multiple-choice items of every target task whose benchmark is multiple choice: task name ->
+    at most ``max_items`` (None: all) items of its evaluation split (:func:`load_items`). Empty when
+    no task is such a benchmark; tasks of other source types and generative benchmarks are left out.
+
+    Raises:
+        the errors of :func:`load_items` (e.g. RuntimeError: a hub copy cannot be loaded offline).
+    """
+    return {t.name: load_items(t.source, limit=max_items) for t in cfg.tasks
+            if t.source.type == "benchmark" and is_multiple_choice(t.source.benchmark)}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from grape_ds.config import SourceConfig
-from grape_ds.data.sources import Document, hub_records, iter_json_records, iter_parquet_rows, missing_field
+from grape_ds.data.readers import Document, hub_records, iter_json_records, iter_parquet_rows, missing_field
 
 __all__ = ["iter_corpus", "corpus_files", "wiki40b_plain_text", "CLIMBLAB_ID", "CLIMBLAB_CLUSTERS",
            "SLIMPAJAMA_ID", "SLIMPAJAMA_6B_ID", "SLIMPAJAMA_SETS", "WIKI40B_ID", "WIKI40B_LANGUAGES",
@@ -216,11 +216,15 @@ _SLIMPAJAMA_LAYOUT = ("<path>/<split>/chunk<i>/example_<train|holdout>_<j>.jsonl
                       "{'text', 'meta': {'redpajama_set_name'}}")
 
 
-def _slimpajama_set(src: SourceConfig) -> str:
-    if src.subset not in SLIMPAJAMA_SETS:
-        raise ValueError(f"slimpajama source: unknown set name {src.subset!r}; the redpajama_set_name "
-                         f"values are {list(SLIMPAJAMA_SETS)}")
+def _subset(src: SourceConfig, known, what: str, listed: str) -> str:
+    """``src.subset`` when it is one of ``known``; else a ValueError naming ``what`` it is and listing them."""
+    if src.subset not in known:
+        raise ValueError(f"{src.type} source: unknown {what} {src.subset!r}; the {listed} are {list(known)}")
     return str(src.subset)
+
+
+def _slimpajama_set(src: SourceConfig) -> str:
+    return _subset(src, SLIMPAJAMA_SETS, "set name", "redpajama_set_name values")
 
 
 def _slimpajama_files(src: SourceConfig) -> list[Path]:
@@ -272,10 +276,7 @@ _WIKI40B_LAYOUT = "<path>/<language>/<split>-<nnnnn>-of-<nnnnn>.parquet with col
 
 
 def _wiki40b_language(src: SourceConfig) -> str:
-    if src.subset not in WIKI40B_LANGUAGES:
-        raise ValueError(f"wiki40b source: unknown language {src.subset!r}; the languages are "
-                         f"{list(WIKI40B_LANGUAGES)}")
-    return str(src.subset)
+    return _subset(src, WIKI40B_LANGUAGES, "language", "languages")
 
 
 def _wiki40b_files(src: SourceConfig) -> list[Path]:

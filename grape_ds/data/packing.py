@@ -52,18 +52,21 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from grape_ds.config import CORPUS_TYPES, DataConfig, SourceConfig
 from grape_ds.data import corpora, planted
-from grape_ds.data.sources import Document, check_text, iter_documents, source_files
+from grape_ds.data.readers import Document, check_text
+from grape_ds.data.sources import iter_documents, source_files
 from grape_ds.data.tokenizer import MAX_TRAIN_CHARS, load_or_train_tokenizer
+from grape_ds.lockfile import LockBusy, LockFile, live_holder
 
 __all__ = ["prepare_data", "wait_for_packed", "prepare_lock_dir", "PackedData", "FORMAT_VERSION", "MANIFEST",
            "SPLITS", "SHARD_DOCS"]
@@ -167,6 +170,32 @@ class PackedData:
                                            dtype=np.dtype(self.manifest["dtype"]), shape=shape)
         return self._windows[key]
 
+    def batch(self, units: str | Sequence[str], windows: Sequence[int] | np.ndarray,
+              split: str = "train") -> torch.Tensor:
+        """Windows stacked into one batch: int64 ``[len(windows), seq_len]``, on the host.
+
+        Args:
+            units: the unit every row comes from (one name), or one unit name per row.
+            windows: ``[rows]`` window indices, row ``i`` window ``windows[i]`` of its unit in ``split``.
+            split: ``train`` or ``val``.
+
+        Raises:
+            KeyError: an unknown unit.
+            ValueError: an unknown split, or ``units`` a sequence of another length than ``windows``.
+            IndexError: a window index outside ``[0, num_windows(unit, split))``.
+        """
+        names = [units] * len(windows) if isinstance(units, str) else list(units)
+        if len(names) != len(windows):
+            raise ValueError(f"{len(names)} unit names for {len(windows)} windows: give one name, or one per row")
+        rows = []
+        for name, index in zip(names, windows):
+            w = self.windows(name, split)
+            if not 0 <= index < len(w):
+                raise IndexError(f"window {index} of unit {name!r} ({split}): it has {len(w)} windows")
+            rows.append(w[index])
+        x = np.stack(rows) if rows else np.empty((0, self.seq_len), dtype=np.int64)
+        return torch.from_numpy(x.astype(np.int64))
+
     def load_tokenizer(self):
         """The tokenizer the windows were made with (a ``PreTrainedTokenizerFast``)."""
         from transformers import AutoTokenizer
@@ -258,7 +287,6 @@ def wait_for_packed(root: Path, who: str) -> None:
     Raises:
         RuntimeError: nobody is preparing ``root`` any more and it is not complete.
     """
-    from grape_ds.rundir import live_holder
     poll_s, log_every_s, grace_s = WAIT_POLL_S, WAIT_LOG_EVERY_S, WAIT_GRACE_S
     lock_dir = prepare_lock_dir(root)
     start = last = time.monotonic()
@@ -370,15 +398,14 @@ def _file_stem(name: str, taken: set[str]) -> str:
 def _build_locked(cfg: DataConfig, units: list[_Unit], identity: dict, digest: str, root: Path,
                   cache_dir: Path, num_proc: int, shard_docs: int) -> None:
     """Prepare ``root`` under its lock, or wait for the process that holds it."""
-    from grape_ds.rundir import RunDirBusy, RunDirError, RunLock
     try:
-        lock = RunLock.acquire(prepare_lock_dir(root))
-    except RunDirBusy:  # another node's local rank 0, or a `grape-ds prepare` job
+        lock = LockFile.acquire(prepare_lock_dir(root))
+    except LockBusy:  # another node's local rank 0, or a `grape-ds prepare` job
         wait_for_packed(root, f"process {os.getpid()}")
         return
-    except RunDirError as exc:
+    except OSError as exc:
         raise OSError(f"data.cache_dir {root.parent.parent}: cannot lock {prepare_lock_dir(root)} to prepare "
-                      f"the data there ({exc}); set data.cache_dir to a folder you can write") from None
+                      f"the data there ({exc.strerror or exc}); set data.cache_dir to a folder you can write") from None
     try:
         if not (root / MANIFEST).is_file():
             _build(cfg, units, identity, digest, root, cache_dir, num_proc, shard_docs)
@@ -623,17 +650,6 @@ class _Tokenisers:
 def _closable(docs: Iterator[Document]) -> Iterator[Document]:
     """``docs`` as a generator, so that stopping early (at the token cap) closes the files it reads."""
     yield from docs
-
-
-def _batches(docs: Iterator[Document], size: int) -> Iterator[list[Document]]:
-    batch: list[Document] = []
-    for doc in docs:
-        batch.append(doc)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 def _shard_path(folder: Path, stem: str, k: int) -> Path:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["MixtureSampler", "Draw", "mixture_probabilities", "draw_indices", "probe_windows", "mixture_batch",
+__all__ = ["MixtureSampler", "RealisedCounts", "Draw", "mixture_probabilities", "draw_indices", "probe_windows", "mixture_batch",
            "TRAIN_MIXTURE", "TARGET_MIXTURE"]
 
 _PHILOX_SALT = 0x6772617065  # "grape": keeps our streams apart from other Philox users of the seed
@@ -97,6 +97,29 @@ def mixture_batch(probs: np.ndarray, sizes: np.ndarray, batch: int, *, seed: int
                         micro_step=(stream << 32) + index)
 
 
+class RealisedCounts:
+    """Sequences this rank drew per domain since they were last taken (``counts``: [K] int64): the
+    sampler's per-rank state, checkpointed in each rank's own file."""
+
+    def __init__(self, num_domains: int) -> None:
+        self.counts = np.zeros(num_domains, dtype=np.int64)  # [K]
+
+    def add(self, domains: np.ndarray) -> None:
+        np.add.at(self.counts, domains, 1)
+
+    def take(self) -> np.ndarray:
+        """The counts ([K] int64), reset to zero."""
+        counts, self.counts = self.counts, np.zeros_like(self.counts)
+        return counts
+
+    def state_dict(self) -> dict:
+        return {"counts": self.counts.copy()}
+
+    def load_state_dict(self, state) -> None:
+        """``{"counts": [K]}``; a bare ``[K]`` array (the format of earlier grape-ds) is accepted."""
+        self.counts[:] = state["counts"] if isinstance(state, dict) else state
+
+
 class MixtureSampler:
     """Draws micro-batches for one rank from the current mixture weights.
 
@@ -104,23 +127,22 @@ class MixtureSampler:
         sizes: train windows per domain, ``[K]``.
         weights: initial mixture weights (normalised here; the floor is applied on top).
         seed: run seed, shared by all ranks.
-        rank: this process's global rank; ``world_size`` is only recorded.
+        rank: this process's global rank.
         micro_batch_size: sequences per draw.
         mode: ``"domain_pure"`` or ``"mixed"``.
         data_hash: content hash of the packed data; a checkpoint from other data is refused.
     """
 
-    def __init__(self, sizes, weights, *, seed: int, rank: int, world_size: int,
-                 micro_batch_size: int, mode: str = "domain_pure", data_hash: str = "") -> None:
+    def __init__(self, sizes, weights, *, seed: int, rank: int, micro_batch_size: int, mode: str = "domain_pure", data_hash: str = "") -> None:
         if mode not in ("domain_pure", "mixed"):
             raise ValueError(f"unknown batch mode {mode!r}; choose 'domain_pure' or 'mixed'")
         self.sizes = np.asarray(sizes, dtype=np.int64)  # [K]
         if np.any(self.sizes <= 0):
             raise ValueError(f"every domain needs at least one window, got sizes {self.sizes.tolist()}")
-        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
+        self.seed, self.rank = int(seed), int(rank)
         self.micro_batch_size, self.mode = int(micro_batch_size), mode
         self.data_hash = data_hash
-        self.counts = np.zeros(len(self.sizes), dtype=np.int64)  # [K] realised since the last pop
+        self.realised = RealisedCounts(len(self.sizes))
         self.set_weights(weights)
 
     @property
@@ -138,18 +160,12 @@ class MixtureSampler:
         """The micro-batch of optimizer step ``step`` (0-based), micro-batch ``micro_step``."""
         d = draw_indices(self.probs, self.sizes, self.micro_batch_size, self.mode == "domain_pure",
                          seed=self.seed, rank=self.rank, step=step, micro_step=micro_step)
-        np.add.at(self.counts, d.domains, 1)
+        self.realised.add(d.domains)
         return d
 
-    def pop_realised(self) -> np.ndarray:
-        """Share of sequences drawn per domain since the last call ([K], sums to 1, or zeros)."""
-        counts, self.counts = self.counts, np.zeros_like(self.counts)
-        total = counts.sum()
-        return counts / total if total else counts.astype(np.float64)
-
     # Stateful protocol. Draws depend only on (seed, rank, step, micro_step, weights), so the state is
-    # the weights in use and what identifies the stream; the realised counts are per-rank state that
-    # the loop saves separately.
+    # the weights in use and what identifies the stream (the same on every rank); the realised counts
+    # are this rank's own (``self.realised``, checkpointed per rank).
     def state_dict(self) -> dict:
         return {"seed": self.seed, "weights": self.probs.tolist(), "mode": self.mode,
                 "data_hash": self.data_hash}
