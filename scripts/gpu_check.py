@@ -106,7 +106,10 @@ def main(argv=None) -> int:
                    help="a config override for every run (for example data.cache_dir=...)")
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
-    model, precision = ("tiny", "bf16") if args.cpu else ("124m", "bf16")
+    # on a CPU without native bf16 (no AVX512-BF16/AMX: torch emulates it, several times slower) the
+    # check's logic runs in fp32; on a GPU, and on a CPU that has it, in bf16
+    native_bf16 = not args.cpu or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    model, precision = ("tiny" if args.cpu else "124m"), ("bf16" if native_bf16 else "fp32")
     every = args.every or (3 if args.cpu else 10)
     bench_steps = args.bench_steps or (12 if args.cpu else 200)
     steps, stop = 4 * every, 3 * every - 1
@@ -118,7 +121,8 @@ def main(argv=None) -> int:
         cuda = torch.cuda.is_available() and not args.cpu
         return {"python": platform.python_version(), "torch": torch.__version__,
                 "cuda": torch.version.cuda, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
-                "deepspeed": deepspeed.__version__, "transformers": transformers.__version__}
+                "deepspeed": deepspeed.__version__, "transformers": transformers.__version__,
+                "model": model, "precision": precision}
 
     check.part("environment", environment)
     runs = Path(args.runs).resolve() if args.runs else out / "runs"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DEMO, REPO, TINY
+from common.runs import DEMO, REPO, TINY
 from grape_ds.checkpoint import MARKER, complete_checkpoints
 
 

@@ -6,12 +6,12 @@ unknown splits are refused with the valid ones named, and offline without a copy
 import time
 
 import pytest
-from fixtures_real_schema import BENCHMARK_RECORDS, write_benchmark
+from common.real_schema import BENCHMARK_RECORDS, write_benchmark
 
 from grape_ds import config
-from grape_ds.config import SourceConfig
-from grape_ds.data import benchmarks, sources
-from grape_ds.data.benchmarks import BENCHMARKS, MCItem, is_multiple_choice, iter_lm_texts, load_items
+from grape_ds.config import DataConfig, PlantedConfig, SourceConfig, UnitConfig
+from grape_ds.data import benchmarks, readers
+from grape_ds.data.benchmarks import BENCHMARKS, MCItem, is_multiple_choice, iter_lm_texts, load_items, mc_items_for
 from grape_ds.data.sources import iter_documents, source_files
 
 GENERATIVE = ("humaneval", "kodcode", "gsm8k")
@@ -183,8 +183,19 @@ def test_mistakes_name_the_valid_choices(copies, tmp_path):
     assert "Data files there: ['data/train-00000-of-00001.parquet']" in str(err.value)
 
 
+def test_mc_items_only_for_multiple_choice_benchmark_tasks(copies):
+    assert mc_items_for(DataConfig(planted=PlantedConfig()), max_items=10) == {}
+    tasks = [UnitConfig(name="text", source=SourceConfig(type="jsonl", path="x.jsonl")),
+             UnitConfig(name="arc", source=bench("arc_easy", copies["arc_easy"])),
+             UnitConfig(name="math", source=bench("gsm8k", copies["gsm8k"]))]
+    items = mc_items_for(DataConfig(tasks=tasks), max_items=1)
+    assert list(items) == ["arc"] and len(items["arc"]) == 1  # gsm8k is generative
+    assert items["arc"] == load_items(bench("arc_easy", copies["arc_easy"]), limit=1)
+    assert all(c.startswith(" ") for c in items["arc"][0].choices)
+
+
 def test_offline_without_a_copy_fails_fast_and_says_what_to_do(monkeypatch):
-    monkeypatch.setattr(sources, "_hub_reachable", lambda: False)  # as on a machine without network
+    monkeypatch.setattr(readers, "_hub_reachable", lambda: False)  # as on a machine without network
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.monotonic()
     with pytest.raises(RuntimeError) as err:

@@ -7,12 +7,12 @@ import time
 
 import numpy as np
 import pytest
-from fixtures_real_schema import (
+from common.real_schema import (
     slimpajama_record, wiki40b_markup, write_benchmark, write_climblab,
     write_gpt2_shaped_tokenizer, write_slimpajama_6b, write_slimpajama_627b, write_wiki40b)
 
 from grape_ds.config import DataConfig, SourceConfig, TokenizerConfig, UnitConfig
-from grape_ds.data import corpora, packing, prepare_data, sources
+from grape_ds.data import corpora, packing, prepare_data, readers, sources
 from grape_ds.data.corpora import wiki40b_plain_text
 from grape_ds.data.sources import iter_documents, source_files
 from grape_ds.data.tokenizer import train_bpe
@@ -159,7 +159,7 @@ def test_wiki40b_language_domain(tmp_path):
                        "<language>/<split>-<nnnnn>-of-<nnnnn>.parquet"]),
 ])
 def test_offline_without_a_copy_fails_fast_and_says_what_to_do(monkeypatch, type_, subset, expected):
-    monkeypatch.setattr(sources, "_hub_reachable", lambda: False)  # as on a machine without network
+    monkeypatch.setattr(readers, "_hub_reachable", lambda: False)  # as on a machine without network
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.monotonic()
     with pytest.raises(RuntimeError) as err:

@@ -1,5 +1,5 @@
-"""Packing: text round-trips through the windows, splits and caps are right, folders are reused by
-content hash, and non-zero local ranks wait for local rank 0."""
+"""Packing: text round-trips through the windows, splits and caps are right, windows stack into
+batches, folders are reused by content hash, and non-zero local ranks wait for local rank 0."""
 
 import json
 import logging
@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from grape_ds.config import DataConfig, SourceConfig, TokenizerConfig, UnitConfig
 from grape_ds.data import PackedData, packing, prepare_data
@@ -90,6 +91,30 @@ def test_split_counts_manifest_and_files(corpus):
         data.windows("nope", "train")
     with pytest.raises(ValueError, match="train"):
         data.num_windows("web", "test")
+
+
+def test_batch_stacks_windows_of_one_unit_or_one_unit_per_row(corpus):
+    cfg, _ = corpus
+    data = prepare_data(cfg)
+    web, code = data.windows("web", "train"), data.windows("code", "train")
+    x = data.batch("web", [2, 0, 2])  # one unit for every row
+    assert x.dtype == torch.int64 and x.device.type == "cpu" and x.shape == (3, cfg.seq_len)
+    assert np.array_equal(x.numpy(), web[[2, 0, 2]])
+    mixed = data.batch(["code", "web"], np.array([1, 3]))  # one unit per row
+    assert np.array_equal(mixed.numpy(), np.stack([code[1], web[3]]))
+    val = data.batch("qa", [data.num_windows("qa", "val") - 1], split="val")
+    assert np.array_equal(val.numpy(), data.windows("qa", "val")[-1:])
+    assert data.batch("web", []).shape == (0, cfg.seq_len)
+    with pytest.raises(ValueError, match="2 unit names for 3 windows"):
+        data.batch(["web", "code"], [0, 1, 2])
+    with pytest.raises(IndexError, match="window -1 of unit 'web'"):
+        data.batch("web", [-1])
+    with pytest.raises(IndexError, match=f"it has {len(web)} windows"):
+        data.batch("web", [len(web)])
+    with pytest.raises(KeyError, match="nope"):
+        data.batch("nope", [0])
+    with pytest.raises(ValueError, match="test"):
+        data.batch("web", [0], split="test")
 
 
 def test_reuse_does_not_retokenise(corpus, monkeypatch):

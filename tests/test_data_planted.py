@@ -137,6 +137,7 @@ def learning(data_cache):
             "dots": dots, "cos": cos}
 
 
+@pytest.mark.slow  # the learning check trains a model (~25 s)
 def test_domains_share_no_token_but_eot(learning):
     data = learning["data"]
     seen = {d: set(np.unique(data.windows(d, "train")).tolist()) for d in data.domains}
@@ -145,17 +146,20 @@ def test_domains_share_no_token_but_eot(learning):
             assert seen[a] & seen[b] <= {data.eot_id}, (a, b)
 
 
+@pytest.mark.slow  # the learning check trains a model (~25 s)
 def test_every_task_loss_decreases(learning):
     for task, before in learning["before"].items():
         assert learning["after"][task] < before - 1.0, task
 
 
+@pytest.mark.slow  # the learning check trains a model (~25 s)
 def test_hard_task_improves_least(learning):
     rel, hard = learning["rel"], learning["truth"].hard_task
     easy = [r for t, r in rel.items() if t != hard]
     assert rel[hard] < min(easy) - 0.1, rel
 
 
+@pytest.mark.slow  # the learning check trains a model (~25 s)
 def test_gradients_align_with_relevant_domains_only(learning):
     truth, dots, cos = learning["truth"], learning["dots"], learning["cos"]
     for task in truth.tasks:

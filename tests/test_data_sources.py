@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from grape_ds.config import SourceConfig
-from grape_ds.data import sources
+from grape_ds.config import SOURCE_TYPES, SourceConfig
+from grape_ds.data import readers, sources
 from grape_ds.data.sources import iter_documents, source_files
 
 DOCS = ["first document", "second one\nwith two lines", "third: ünïcode ✓"]
@@ -19,6 +19,13 @@ def write_jsonl(path, records):
         for record in records:
             f.write(json.dumps(record) + "\n")
     return path
+
+
+def test_every_source_type_has_a_reader_and_a_file_lister():
+    assert set(sources.DOCUMENT_READERS) == set(sources.FILE_LISTERS) == set(SOURCE_TYPES)
+    for lookup in (iter_documents, source_files):
+        with pytest.raises(ValueError, match="unknown source type 'csv'; choose from"):
+            lookup(SourceConfig(type="csv", path="x.csv"))
 
 
 def test_jsonl_file_default_and_custom_field(tmp_path):
@@ -107,7 +114,7 @@ def test_hub_source_from_local_folder(tmp_path):
 
 
 def test_unavailable_hub_id_fails_fast_with_advice(monkeypatch):
-    monkeypatch.setattr(sources, "_hub_reachable", lambda: False)  # as on a machine without network
+    monkeypatch.setattr(readers, "_hub_reachable", lambda: False)  # as on a machine without network
     start = time.monotonic()
     with pytest.raises(RuntimeError) as err:
         list(iter_documents(SourceConfig(type="hub", hub_id="no-such-org/no-such-dataset")))

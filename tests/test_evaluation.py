@@ -12,13 +12,11 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from distributed import run_distributed
-from fixtures_real_schema import write_benchmark
-from grape_ds.config import DataConfig, PlantedConfig, SourceConfig, UnitConfig
+from common.distributed import run_distributed
 from grape_ds.data.benchmarks import MCItem
 from grape_ds.data.tokenizer import train_bpe
-from grape_ds.evaluation import (Evaluator, choice_loglikelihoods, choice_request, encode_pair,
-                                 mc_items_for, mc_predictions, norm_length, score_mc)
+from grape_ds.evaluation import (Evaluator, choice_loglikelihoods, choice_request, encode_pair, mc_predictions,
+                                 norm_length, score_mc)
 
 N_POSITIONS = 64
 WORDS = "the cat sat on a mat and the dog ran to the old red barn while birds sang".split()
@@ -156,6 +154,7 @@ def _score_on_rank(rank: int, world_size: int, folder: Path):
     return scores, mine
 
 
+@pytest.mark.slow  # 2 real processes on gloo
 def test_two_ranks_score_what_one_rank_scores(saved, lm):
     model, tokenizer = lm
     tasks = _tasks()
@@ -201,7 +200,7 @@ def test_evaluator_adds_accuracy_to_the_json_line_and_tensorboard(lm, tmp_path):
     tasks = _tasks()
     monitor = _Monitor()
     evaluator = Evaluator(_Data(tokenizer, len(tokenizer)), every=1, batch_size=4, max_windows=None, rank=0,
-                          world_size=1, run_dir=tmp_path, mc_items={**tasks, "empty": []})
+                          world_size=1, path=tmp_path / "eval" / "eval.jsonl", mc_items={**tasks, "empty": []})
     result = evaluator.run(model, step=3, monitor=monitor)
     expected = score_mc(model, tokenizer, tasks, batch_size=4)
     assert result["mc_acc"] == {t: s.acc for t, s in expected.items()}
@@ -224,7 +223,7 @@ def test_an_item_that_cannot_be_scored_is_left_out_and_reported(lm, tmp_path):
     bad = MCItem("the cat sat on", (" a", ""), gold=0)
     items = {"short": [*good["short"][:2], bad, *good["short"][2:]], "more": good["more"]}
     evaluator = Evaluator(_Data(tokenizer, len(tokenizer)), every=1, batch_size=4, max_windows=None, rank=0,
-                          world_size=1, run_dir=tmp_path, mc_items=items)
+                          world_size=1, path=tmp_path / "eval" / "eval.jsonl", mc_items=items)
     result = evaluator.run(model, step=3, monitor=_Monitor())
     expected = score_mc(model, tokenizer, good, batch_size=4)
     assert result["mc_acc"] == {t: s.acc for t, s in expected.items()}
@@ -242,23 +241,8 @@ def test_an_evaluation_that_fails_is_recorded_and_does_not_raise(lm, tmp_path):
             raise OSError(f"the validation file of {unit} is gone")
 
     evaluator = Evaluator(Broken(tokenizer, len(tokenizer)), every=1, batch_size=4, max_windows=None, rank=0,
-                          world_size=1, run_dir=tmp_path)
+                          world_size=1, path=tmp_path / "eval" / "eval.jsonl")
     result = evaluator.run(model, step=5, monitor=_Monitor())
     assert result == {"step": 5, "error": "OSError: the validation file of d0 is gone"}
     assert json.loads((tmp_path / "eval" / "eval.jsonl").read_text()) == result
 
-
-def test_mc_items_only_for_multiple_choice_benchmark_tasks(tmp_path):
-    assert mc_items_for(DataConfig(planted=PlantedConfig()), max_items=10) == {}
-
-    def task(name: str, source: SourceConfig) -> UnitConfig:
-        return UnitConfig(name=name, source=source)
-
-    tasks = [task("text", SourceConfig(type="jsonl", path="x.jsonl")),
-             task("arc", SourceConfig(type="benchmark", benchmark="arc_easy",
-                                      path=str(write_benchmark("arc_easy", tmp_path / "arc")))),
-             task("math", SourceConfig(type="benchmark", benchmark="gsm8k",
-                                       path=str(write_benchmark("gsm8k", tmp_path / "gsm8k"))))]
-    items = mc_items_for(DataConfig(tasks=tasks), max_items=1)
-    assert list(items) == ["arc"] and len(items["arc"]) == 1  # gsm8k is generative
-    assert all(c.startswith(" ") for c in items["arc"][0].choices)

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, launch
-from grape_ds.export import RunDirError, export_hf, load_trained_run
+from common.runs import REPO, launch
+from grape_ds.export import export_hf
+from grape_ds.rundir import RunDirError, load_trained_run
 
 pytestmark = pytest.mark.slow
 
@@ -94,7 +95,7 @@ def test_exported_tokenizer_encodes_as_the_run_does(run_dir, exported):
     from transformers import AutoTokenizer
 
     from grape_ds.data import prepare_data
-    from grape_ds.export import load_run_config
+    from grape_ds.rundir import load_run_config
 
     data = prepare_data(load_run_config(run_dir).data)
     ours, theirs = data.load_tokenizer(), AutoTokenizer.from_pretrained(str(exported))

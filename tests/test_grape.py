@@ -1,8 +1,10 @@
-"""GRAPE on the engine, end to end with 2 real ranks (conftest.launch).
+"""GRAPE on the engine, end to end with 2 real ranks (common.runs.launch).
 
 - the planted corpus: grape finds the relevant domains and the hard task, doge raises the relevant
   domains (ground truth from grape_ds.data.planted); static staying exactly put is in test_train.py;
 - every rank holds identical alpha and z after every round;
+- every round's alpha and z of both runs equal the golden tests/assets/planted_trajectory.json
+  (``GRAPE_DS_UPDATE_GOLDEN=1`` rewrites it, so a change to the numbers is a visible diff);
 - the weights TensorBoard reports are the ones sampled (one floor, in the controller), and every
   domain is measured in every round: an in-band domain no rank drew in the window gets a probe batch.
 
@@ -13,11 +15,12 @@ check's own code run on 2 CPU ranks.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
-from conftest import launch
+from common.runs import launch
 from grape_ds.bench import planted_figures
 from grape_ds.config import PlantedConfig
 from grape_ds.data import ground_truth
@@ -46,6 +49,39 @@ def planted(tmp_path_factory, data_cache):
                 "mixture.every=10", "logging.trace_batches=true"]
         launch(root, data_cache, sets, timeout=600)
     return root
+
+
+GOLDEN = Path(__file__).parent / "assets" / "planted_trajectory.json"
+
+
+def _render_trajectory(trajectory: dict[str, list[dict]]) -> str:
+    """The golden file's layout: one round per line, so a change to the numbers is a visible diff."""
+    methods = []
+    for method, rounds in trajectory.items():
+        lines = ",\n".join("    " + json.dumps({"step": r["step"], "alpha": r["alpha"], "z": r["z"]})
+                           for r in rounds)
+        methods.append(f"  {json.dumps(method)}: [\n{lines}\n  ]")
+    return "{\n" + ",\n".join(methods) + "\n}\n"
+
+
+def test_planted_trajectory_matches_the_golden(planted):
+    """Every round's alpha and z of both planted runs equal tests/assets/planted_trajectory.json, so a
+    refactor that changes the numbers fails here. ``GRAPE_DS_UPDATE_GOLDEN=1`` rewrites the asset
+    instead (commit it with the change that moved the numbers, and say why)."""
+    runs = {method: [{k: h[k] for k in ("step", "alpha", "z")} for h in _mixture(planted / method)["history"]]
+            for method in STEPS}
+    if os.environ.get("GRAPE_DS_UPDATE_GOLDEN") == "1":
+        GOLDEN.write_text(_render_trajectory(runs))
+        return
+    golden = json.loads(GOLDEN.read_text())
+    assert list(golden) == list(STEPS)
+    for method, rounds in runs.items():
+        expected = golden[method]
+        assert [r["step"] for r in rounds] == [g["step"] for g in expected], method
+        for got, want in zip(rounds, expected):
+            where = (method, got["step"])
+            assert got["alpha"] == pytest.approx(want["alpha"], rel=1e-6, abs=1e-9), where
+            assert got["z"] == pytest.approx(want["z"], rel=1e-6, abs=1e-9), where
 
 
 def test_grape_finds_relevant_domains_and_the_hard_task(planted):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from common.runs import REPO
 from grape_ds.launch import Host, LaunchError, expand_nodelist, hostfile_text, read_hostfile
 
 MULTI = REPO / "launchers" / "slurm_multi_node.sbatch"

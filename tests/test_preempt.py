@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REFERENCE_SETS, launch
+from common.runs import REFERENCE_SETS, launch
 from grape_ds.checkpoint import complete_checkpoints
 
 pytestmark = pytest.mark.slow

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import REPO, launch
+from common.runs import REPO, launch
 from grape_ds.config import DataConfig, SourceConfig, TokenizerConfig, UnitConfig
 from grape_ds.data import packing, prepare_data
 
@@ -174,5 +174,5 @@ def test_bad_records_are_named_during_preparation(tmp_path, rows, num_proc, said
 
 
 def _gpt2ish(tmp_path: Path) -> Path:
-    from fixtures_real_schema import write_gpt2_shaped_tokenizer
+    from common.real_schema import write_gpt2_shaped_tokenizer
     return write_gpt2_shaped_tokenizer(tmp_path / "gpt2ish")

@@ -6,10 +6,11 @@ from __future__ import annotations
 from contextlib import ExitStack
 
 import numpy as np
+import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from distributed import run_distributed
+from common.distributed import run_distributed
 from grape_ds.probe import GradientProbe
 
 V = 256
@@ -98,6 +99,7 @@ def _two_rank_exact(rank, world_size):
     return GradientProbe.gram(proj), losses, seqs
 
 
+@pytest.mark.slow  # 2 real processes on gloo
 def test_exact_gram_reduced_over_two_ranks_equals_single_process_union():
     (g0, l0, s0), (g1, l1, s1) = run_distributed(_two_rank_exact, world_size=2)
     assert torch.equal(g0, g1) and torch.equal(l0, l1)

@@ -1,4 +1,4 @@
-"""The controller against an independent reference (tests/reference_grape.py), fed the same real
+"""The controller against an independent reference (tests/common/reference_grape.py), fed the same real
 gradients: a small GPT-2's flattened gradients of actual batches (so the Gram matrix is positive
 semi-definite, as a run's is), over several rounds with the model trained between them.
 
@@ -16,8 +16,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from grape_ds.controller import MethodParams, MixtureController, RoundStats
-import reference_grape
-from reference_grape import Reference
+from common import reference_grape
+from common.reference_grape import Reference
 
 V, T, B = 64, 16, 2            # vocabulary, sequence length, mixture batches per round
 K, N = 3, 2                    # domains, tasks

@@ -20,10 +20,11 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import DEMO, REPO, TINY
-from fixtures_real_schema import BENCHMARK_RECORDS, write_benchmark, write_gpt2_shaped_tokenizer
+from common.runs import DEMO, REPO, TINY
+from common.real_schema import BENCHMARK_RECORDS, write_benchmark, write_gpt2_shaped_tokenizer
 from grape_ds.config import config_to_dict, load_config
-from grape_ds.rundir import RunDirBusy, RunLock, live_holder, resume_changes
+from grape_ds.lockfile import live_holder
+from grape_ds.rundir import RunDirBusy, RunLock, resume_changes
 
 # ----------------------------------------------------------------------------------------------
 # The lock

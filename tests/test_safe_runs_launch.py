@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DEMO, REPO, TINY, free_port, launch
+from common.runs import DEMO, REPO, TINY, free_port, launch
 from grape_ds.checkpoint import complete_checkpoints
-from grape_ds.rundir import live_holder
+from grape_ds.lockfile import live_holder
 
 pytestmark = pytest.mark.slow
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REFERENCE_SETS, REPO, TINY, final_params
+from common.runs import REFERENCE_SETS, REPO, TINY, final_params
 from grape_ds.checkpoint import complete_checkpoints
 
 pytestmark = pytest.mark.slow

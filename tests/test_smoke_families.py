@@ -1,9 +1,9 @@
 """A shrunk real-schema smoke run of each corpus family of the paper's grid, end to end with 2 real
-ranks (conftest.launch): ClimbLab (GPT-2 token ids from Parquet), Wiki40B (marked-up
+ranks (common.runs.launch): ClimbLab (GPT-2 token ids from Parquet), Wiki40B (marked-up
 articles, languages as domains and target languages' validation splits as tasks) and SlimPajama
 (``.jsonl.zst`` filtered by ``redpajama_set_name``), each with the targets of its grid.
 
-Each test writes small local copies in the data sets' real schema (``fixtures_real_schema``), loads
+Each test writes small local copies in the data sets' real schema (``common.real_schema``), loads
 the family's GRAPE grid file, keeps its mixture/probe/method settings and source types, points a few
 of its units at the local copies with ``path:``, shrinks model, data and schedule to a tiny run,
 validates the YAML with ``grape-ds check-config`` and trains it. It then checks what a user of such a
@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, launch
-from fixtures_real_schema import (
+from common.runs import REPO, launch
+from common.real_schema import (
     slimpajama_record, wiki40b_markup, write_benchmark, write_climblab, write_gpt2_shaped_tokenizer,
     write_slimpajama_627b, write_wiki40b)
 
@@ -186,7 +186,7 @@ def arxiv_abstract(rng: random.Random) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Benchmark records in each data set's schema (see fixtures_real_schema.BENCHMARK_RECORDS)
+# Benchmark records in each data set's schema (see common.real_schema.BENCHMARK_RECORDS)
 # ----------------------------------------------------------------------------------------------
 
 def _arc(rng: random.Random, split: str, i: int) -> dict:

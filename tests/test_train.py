@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import launch
+from common.runs import launch
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +55,7 @@ def test_ranks_draw_different_sequences_and_seeds_repeat(runs):
     a sampler built afresh from the run's config draws exactly what the run drew (so a resumed run,
     which builds its sampler afresh, continues the uninterrupted run's stream)."""
     from grape_ds.data import MixtureSampler, prepare_data
-    from grape_ds.export import load_run_config
+    from grape_ds.rundir import load_run_config
 
     full0, full1 = _trace(runs["full"], 0), _trace(runs["full"], 1)
     assert len(full0) == len(full1) == 2 * S * 2  # 2S steps x 2 micro-batches
@@ -64,7 +64,7 @@ def test_ranks_draw_different_sequences_and_seeds_repeat(runs):
     data = prepare_data(cfg.data)
     for rank, trace in ((0, full0), (1, full1)):
         sampler = MixtureSampler([data.num_windows(d, "train") for d in data.domains], WEIGHTS,
-                                 seed=cfg.train.seed, rank=rank, world_size=2,
+                                 seed=cfg.train.seed, rank=rank,
                                  micro_batch_size=cfg.train.micro_batch_size)
         for row in trace:
             draw = sampler.draw(row["step"] - 1, row["micro"])

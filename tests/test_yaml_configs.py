@@ -114,7 +114,21 @@ def differing(a: str, b: str) -> set[str]:
 # ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("path", ALL_FILES, ids=[p.stem for p in ALL_FILES])
-def test_check_config_exits_0(path):
+def test_check_config_exits_0(path, monkeypatch, capsys):
+    """``grape-ds check-config`` in this process (the command line's own ``main``, from the repository
+    root as a user runs it); the entry point itself is run once below."""
+    from grape_ds.cli import main
+    ws = world_size(path)
+    monkeypatch.chdir(REPO)
+    code = main(["check-config", str(path.relative_to(REPO)), "--world-size", str(ws)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert f"is valid for world size {ws}" in err
+
+
+def test_check_config_entry_point_exits_0():
+    """``python -m grape_ds check-config`` as a process: the exit status and stderr a user sees."""
+    path = CONFIGS / "demo.yaml"
     ws = world_size(path)
     proc = subprocess.run([sys.executable, "-m", "grape_ds", "check-config", str(path.relative_to(REPO)),
                            "--world-size", str(ws)], cwd=REPO, capture_output=True, text=True, timeout=60)
