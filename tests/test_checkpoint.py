@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from common.runs import DEMO, REPO, TINY
 from grape_ds.checkpoint import MARKER, complete_checkpoints
+from grape_ds.launch import train_command
 
 
 def test_only_marked_checkpoints_are_complete(tmp_path):
@@ -26,11 +26,10 @@ def test_only_marked_checkpoints_are_complete(tmp_path):
 
 def _run_single(run_root: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:
     """One rank, no launcher (init_distributed makes a 1-process group)."""
-    cmd = [sys.executable, "-m", "grape_ds.train", "--config", str(DEMO)]
-    for s in [*TINY, "checkpoint.every=2", "checkpoint.keep_last=2", "eval.every=0",
-              f"logging.output_dir={run_root}", f"data.cache_dir={cache}", "logging.run_name=one"]:
-        cmd += ["--set", s]
-    proc = subprocess.run([*cmd, *extra], cwd=REPO, capture_output=True, text=True, timeout=300)
+    cmd = train_command(DEMO, [*TINY, "checkpoint.every=2", "checkpoint.keep_last=2", "eval.every=0",
+                               f"logging.output_dir={run_root}", f"data.cache_dir={cache}", "logging.run_name=one"],
+                        extra)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     return proc
 

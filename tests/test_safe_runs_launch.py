@@ -18,6 +18,7 @@ import pytest
 
 from common.runs import DEMO, REPO, TINY, free_port, launch
 from grape_ds.checkpoint import complete_checkpoints
+from grape_ds.launch import train_command
 from grape_ds.lockfile import live_holder
 
 pytestmark = pytest.mark.slow
@@ -38,10 +39,10 @@ def _files(run: Path) -> dict[str, tuple[int, int]]:
 def test_one_live_run_per_directory_a_clean_stop_and_a_refused_resume(tmp_path, data_cache):
     port = free_port()
     # as launchers/run_local.sh starts a run: the deepspeed launcher under a process that owns its tree
-    cmd = [sys.executable, "-m", "grape_ds.launch", "own", "--", str(Path(sys.executable).parent / "deepspeed"),
-           "--num_gpus", "2", "--master_port", str(port), "--module", "grape_ds.train", "--config", str(DEMO)]
-    for s in [*TINY, *LONG, f"logging.output_dir={tmp_path}", f"data.cache_dir={data_cache}"]:
-        cmd += ["--set", s]
+    runner = [sys.executable, "-m", "grape_ds.launch", "own", "--", str(Path(sys.executable).parent / "deepspeed"),
+              "--num_gpus", "2", "--master_port", str(port)]
+    cmd = train_command(DEMO, [*TINY, *LONG, f"logging.output_dir={tmp_path}", f"data.cache_dir={data_cache}"],
+                        launcher=runner)
     first = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              start_new_session=True)
     run = tmp_path / "busy"
@@ -120,8 +121,8 @@ def test_bad_data_found_after_launch_is_one_message_and_the_job_ends(tmp_path):
     from test_safe_runs import Census, _jsonl
     census = Census(tmp_path)
     config = census.units("emptyrun", {"d1": _jsonl(tmp_path / "empty.jsonl", [])})[1]
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-           "--module", "grape_ds.train", "--config", config]
+    cmd = train_command(config, launcher=[str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2",
+                                          "--master_port", str(free_port())])
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     said = proc.stdout + proc.stderr
     assert proc.returncode == 2, said[-3000:]

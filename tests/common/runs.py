@@ -11,11 +11,11 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from grape_ds.distributed import free_port  # noqa: F401  (tests import it from here)
+from grape_ds.launch import train_command
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "yaml_configs" / "demo.yaml"
@@ -45,20 +45,16 @@ def launch(run_root: Path, cache: Path, overrides=(), args=(), world_size: int =
     """
     tiny = TINY if Path(config) == DEMO else []
     sets = [*tiny, f"logging.output_dir={run_root}", f"data.cache_dir={cache}", *overrides]
-    train = ["--config", str(config)]
-    for s in sets:
-        train += ["--set", s]
-    train += list(args)
     env = {**os.environ, **({"GRAPE_DS_CHECK_DEVICES": "strict"} if strict_devices else {})}
-    proc = run_ranks(train, world_size, env, timeout)
+    proc = run_ranks(config, sets, args, world_size, env, timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"launch failed with exit code {proc.returncode}:\n{proc.stdout[-6000:]}")
     return proc
 
 
-def run_ranks(train_args: list[str], world_size: int, env: dict, timeout: float) -> subprocess.CompletedProcess:
-    """``world_size`` processes of ``python -u -m grape_ds.train <train_args>`` as one job on this host
-    (see :func:`launch`). Raises ``subprocess.TimeoutExpired`` (after killing them) past ``timeout``."""
+def run_ranks(config, sets, args, world_size: int, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """``world_size`` processes of ``python -u -m grape_ds.train --local_rank=R --config config --set ...
+    args`` (``grape_ds.launch.train_command``) as one job on this host (see :func:`launch`). Raises ``subprocess.TimeoutExpired`` (after killing them) past ``timeout``."""
     import threading
     port, (read_fd, write_fd) = free_port(), os.pipe()
     procs = []
@@ -66,7 +62,7 @@ def run_ranks(train_args: list[str], world_size: int, env: dict, timeout: float)
         rank_env = {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world_size),
                     "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_SIZE": str(world_size),
                     "CROSS_RANK": "0", "CROSS_SIZE": "1"}
-        cmd = [sys.executable, "-u", "-m", "grape_ds.train", f"--local_rank={rank}", *train_args]
+        cmd = train_command(config, sets, [f"--local_rank={rank}", *args])
         procs.append(subprocess.Popen(cmd, cwd=REPO, env=rank_env, stdout=write_fd, stderr=write_fd,
                                       stdin=subprocess.DEVNULL, start_new_session=True))
     os.close(write_fd)
